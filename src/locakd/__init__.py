@@ -5,7 +5,13 @@ The public API (calibration and losses) needs only torch and numpy::
     from locakd import kd_loss, dkd_loss, loca_calibrate, misinstruction_mask
 """
 
-from .calibration import loca_calibrate, loca_log_calibrate, misinstruction_mask, misinstruction_rate
+from .calibration import (
+    loca_calibrate,
+    loca_calibrate_sparse,
+    loca_log_calibrate,
+    misinstruction_mask,
+    misinstruction_rate,
+)
 from .errors import CheckpointError, ConfigError, DataError, InputError, LocakdError
 from .losses import (
     DIVERGENCES,
@@ -42,6 +48,7 @@ __all__ = [
     "jsd_loss",
     "kd_loss",
     "loca_calibrate",
+    "loca_calibrate_sparse",
     "loca_log_calibrate",
     "misinstruction_mask",
     "misinstruction_rate",

@@ -19,13 +19,15 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
     return torch.float64 if tensor.dtype == torch.float64 else torch.float32
 
 
-def check_logits(name: str, logits: torch.Tensor, *, check_finite: bool = True) -> None:
+def check_logits(name: str, logits: torch.Tensor, *, check_finite: bool = True, min_classes: int = 2) -> None:
     if not isinstance(logits, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
         raise InputError(f"{name} must be a floating-point tensor, got dtype {logits.dtype}")
-    if logits.dim() < 1 or logits.shape[-1] < 2:
-        raise InputError(f"{name} must have shape [..., C] with C >= 2 classes, got {tuple(logits.shape)}")
+    if logits.dim() < 1 or logits.shape[-1] < min_classes:
+        raise InputError(
+            f"{name} must have shape [..., C] with C >= {min_classes} classes, got {tuple(logits.shape)}"
+        )
     if check_finite:
         # -inf is a legitimate mask value; NaN and +inf make every softmax undefined.
         bad = torch.isnan(logits) | (logits == math.inf)

@@ -26,11 +26,13 @@ from dataclasses import dataclass
 import torch
 
 from ._validation import check_alpha, check_labels, check_logits, check_temperature, compute_dtype
+from .errors import InputError
 
 __all__ = [
     "CalibrationTerms",
     "calibration_terms",
     "loca_calibrate",
+    "loca_calibrate_sparse",
     "loca_log_calibrate",
     "misinstruction_mask",
     "misinstruction_rate",
@@ -255,3 +257,55 @@ def loca_calibrate(
         logits = teacher_logits.detach().to(compute_dtype(teacher_logits))
         plain = torch.softmax(logits / temperature, dim=-1)
         return torch.where(changed.unsqueeze(-1), log_target.exp(), plain)
+
+
+def loca_calibrate_sparse(
+    topk_log_probs: torch.Tensor,
+    topk_indices: torch.Tensor,
+    label_log_probs: torch.Tensor,
+    labels: torch.Tensor,
+    alpha: float = 0.9,
+    ignore_index: int = -100,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoCa on a cached top-k teacher, exact without the full distribution.
+
+    A top-k cache (offline teacher logits) keeps, per position, the k largest
+    *normalised* teacher log-probabilities ``topk_log_probs [..., k]`` (sorted,
+    largest first, already at the loss temperature), their ``topk_indices`` and the
+    label token's own log-probability ``label_log_probs [...]`` (known even when the
+    label is outside the top k). That is all the calibration needs: p_gt, p_k (the
+    top entry) and 1 - p_gt.
+
+    Returns ``(calibrated_topk_log_probs, calibrated_label_log_probs, log_scale)``:
+    stored entries other than the label move by ``log_scale`` (= log s, 0 on rows
+    left unchanged), the label's entry becomes log p_loca_gt, and the unstored
+    tail mass scales by s as well (``log_scale`` says by how much).
+    """
+    check_logits("topk_log_probs", topk_log_probs, min_classes=1)
+    if tuple(topk_indices.shape) != tuple(topk_log_probs.shape):
+        raise InputError(
+            f"topk_indices shape {tuple(topk_indices.shape)} does not match topk_log_probs "
+            f"shape {tuple(topk_log_probs.shape)}"
+        )
+    for name, tensor in (("label_log_probs", label_log_probs), ("labels", labels)):
+        if tuple(tensor.shape) != tuple(topk_log_probs.shape[:-1]):
+            raise InputError(
+                f"{name} shape {tuple(tensor.shape)} must be the top-k cache's leading shape "
+                f"{tuple(topk_log_probs.shape[:-1])}"
+            )
+    alpha = check_alpha(alpha)
+    with torch.no_grad():
+        dtype = compute_dtype(topk_log_probs)
+        log_top = topk_log_probs.to(dtype)
+        log_p_gt = label_log_probs.to(dtype)
+        valid = labels != ignore_index
+        log_p_k = log_top[..., 0]
+        changed = valid & (log_p_gt < log_p_k)
+        log_m = torch.log1p(-log_p_gt.exp().clamp(max=0.5))
+        log_denominator = torch.logaddexp(log_m, log_p_k)
+        log_scale = torch.where(changed, math.log(alpha) - log_denominator, torch.zeros_like(log_m))
+        log_new_gt = torch.logaddexp(math.log1p(-alpha) + log_m, log_p_k) - log_denominator
+        new_label = torch.where(changed, log_new_gt, log_p_gt)
+        is_label = topk_indices == labels.unsqueeze(-1)
+        calibrated = torch.where(is_label, new_label.unsqueeze(-1), log_top + log_scale.unsqueeze(-1))
+        return calibrated, new_label, log_scale
