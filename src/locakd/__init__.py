@@ -12,6 +12,7 @@ from .calibration import (
     misinstruction_mask,
     misinstruction_rate,
 )
+from .distiller import Distiller
 from .errors import CheckpointError, ConfigError, DataError, InputError, LocakdError
 from .losses import (
     DIVERGENCES,
@@ -39,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "DataError",
+    "Distiller",
     "InputError",
     "LocakdError",
     "__version__",

@@ -17,8 +17,8 @@ import sys
 
 COMMON_EPILOG = """\
 Overrides are KEY=VALUE pairs after CONFIG (values are YAML: optim.milestones=[30,60]),
-e.g. run.seed=1 optim.lr=0.01 run.device=cpu. Options (--resume, --print-config) go
-before CONFIG or after all overrides. Unknown keys are errors.
+e.g. run.seed=1 optim.lr=0.01 run.device=cpu. Options (--resume, --print-config) may go
+anywhere. Unknown keys are errors.
 
 data.batch_size is PER PROCESS: under `torchrun --nproc_per_node N -m locakd.cli.main ...`
 the global batch is N x data.batch_size. Only rank 0 writes files.

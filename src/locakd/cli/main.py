@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from .. import __version__
@@ -13,6 +14,9 @@ from ..errors import LocakdError
 # ``func(args) -> int`` default.
 COMMAND_MODULES = [
     "locakd.cli.info",
+    "locakd.cli.image",
+    "locakd.cli.lm",
+    "locakd.cli.demo",
 ]
 
 
@@ -33,9 +37,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    # ``key=value`` overrides may come before or after flags (``CONFIG --resume k=v``):
+    # argparse stops filling a positional list at the first flag, so collect the rest here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides or []) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        # Under torchrun: record the failing rank's traceback in torchrun's error summary.
+        from torch.distributed.elastic.multiprocessing.errors import record
+
+        return record(_main)(argv)
+    return _main(argv)
+
+
+def _main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
