@@ -20,7 +20,7 @@ import torch
 
 from .._validation import check_temperature, compute_dtype
 from ..errors import InputError
-from .kd import reduce_rows, validate_pair
+from .kd import floor_log_probs, reduce_rows, validate_pair
 from .targets import resolve_transform, standardize_logits, teacher_log_target
 
 
@@ -42,9 +42,9 @@ def _binary_and_rest(log_probs: torch.Tensor, index: torch.Tensor) -> tuple[torc
 
 
 def _xlogy_diff(log_a: torch.Tensor, log_b: torch.Tensor) -> torch.Tensor:
-    """a * (log a - log b), 0 where a == 0."""
-    finite = log_a.clamp(min=torch.finfo(log_a.dtype).min)
-    return log_a.exp() * (finite - log_b)
+    """a * (log a - log b), 0 where a == 0 (also where b == 0 too)."""
+    log_a = floor_log_probs(log_a)
+    return log_a.exp() * (log_a - floor_log_probs(log_b))
 
 
 def decompose_kd(
@@ -56,11 +56,12 @@ def decompose_kd(
     t_gt, t_rest, t_nontarget = _binary_and_rest(log_target, safe)
     tckd = _xlogy_diff(t_gt, s_gt) + _xlogy_diff(t_rest, s_rest)
     # Non-target distributions, renormalised; the label entry is -inf in both (contributes 0).
-    t_cond = t_nontarget - t_rest.unsqueeze(-1)
-    s_cond = (s_nontarget - s_rest.unsqueeze(-1)).clamp(min=torch.finfo(log_student.dtype).min)
+    # A teacher row with zero non-target mass (one-hot target) has no non-target
+    # distribution: its entries are set to -inf so that NCKD, and its gradient, are 0 there.
+    has_rest = torch.isfinite(t_rest).unsqueeze(-1)
+    t_cond = torch.where(has_rest, t_nontarget - t_rest.unsqueeze(-1), -math.inf)
+    s_cond = s_nontarget - s_rest.unsqueeze(-1)
     nckd = _xlogy_diff(t_cond, s_cond).sum(dim=-1)
-    # A teacher with zero non-target mass has no non-target distribution: NCKD is 0 there.
-    nckd = torch.where(torch.isfinite(t_rest), nckd, torch.zeros_like(nckd))
     return KDDecomposition(tckd=tckd, nckd=nckd, teacher_nontarget_mass=t_rest.exp())
 
 

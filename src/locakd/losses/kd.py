@@ -11,14 +11,23 @@ from .targets import resolve_transform, standardize_logits, teacher_log_target
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def floor_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    """Replace -inf (masked entries) by a huge finite negative number.
+
+    ``exp`` of the floor is exactly 0, so values are unchanged, but differences and
+    mixtures of two masked entries stay finite and their gradients are 0, not NaN.
+    """
+    return log_probs.clamp(min=torch.finfo(log_probs.dtype).min / 4)
+
+
 def kl_rows(log_target: torch.Tensor, log_student: torch.Tensor) -> torch.Tensor:
     """Per-row KL(target || student) from log-probabilities, 0 * log 0 taken as 0.
 
-    ``log_target`` carries no gradient and may be modified in place by the caller
-    afterwards; -inf entries (zero target mass) contribute nothing.
+    Entries that are -inf in the target (zero mass) contribute nothing, also where
+    the student masks them too.
     """
-    finite_log_target = log_target.clamp(min=torch.finfo(log_target.dtype).min)
-    return (log_target.exp() * (finite_log_target - log_student)).sum(dim=-1)
+    log_target = floor_log_probs(log_target)
+    return (log_target.exp() * (log_target - floor_log_probs(log_student))).sum(dim=-1)
 
 
 def reduce_rows(

@@ -103,7 +103,7 @@ def teacher_log_target(
         if transform == "ka_smooth":
             eps = check_unit_interval(smoothing, "smoothing")
             num_classes = log_target.shape[-1]
-            off = math.log(eps / num_classes) if eps > 0 else -math.inf
+            off = math.log(eps) - math.log(num_classes) if eps > 0 else -math.inf
             on = math.log1p(-eps + eps / num_classes)
             smoothed = torch.full_like(log_target, off).scatter(-1, safe, on)
             return torch.where(row, smoothed, log_target), None

@@ -36,7 +36,7 @@ import torch
 from .._validation import check_temperature, check_unit_interval, compute_dtype
 from ..calibration import _loca_log
 from ..errors import InputError
-from .kd import kl_rows, validate_pair
+from .kd import floor_log_probs, kl_rows, validate_pair
 
 DIVERGENCES = (
     "forward_kl",
@@ -69,10 +69,13 @@ def divergence_rows(
     skew_lambda: float = 0.1,
 ) -> torch.Tensor:
     """Per-row divergence between target and student log-probabilities (float32 rows)."""
+    # Entries masked (-inf) in both distributions must give 0, not NaN, in mixtures too.
+    log_student = floor_log_probs(log_student)
+    log_target = floor_log_probs(log_target)
     if name == "forward_kl":
         return kl_rows(log_target, log_student)
     if name == "reverse_kl":
-        return kl_rows(log_student, log_target.clamp(min=torch.finfo(log_target.dtype).min))
+        return kl_rows(log_student, log_target)
     if name == "jsd":
         log_mix = _mixture(log_target, log_student, jsd_beta)
         return jsd_beta * kl_rows(log_target, log_mix) + (1 - jsd_beta) * kl_rows(log_student, log_mix)
@@ -102,7 +105,9 @@ def _token_rows_loss(
     if not bool(valid.all()):
         student, teacher, labels = student[valid], teacher[valid], labels[valid]
     if student.shape[0] == 0:
-        return student.new_zeros((), dtype=compute_dtype(student))
+        # No valid token: a zero that still backpropagates (a zero gradient), so an
+        # all-prompt micro-batch in gradient accumulation needs no special case.
+        return student.to(compute_dtype(student)).sum()
     with torch.no_grad():
         teacher32 = teacher.detach().to(compute_dtype(teacher))
         if loca_alpha is None:
