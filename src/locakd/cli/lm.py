@@ -1,0 +1,135 @@
+"""Language-model commands: ``lm-sft``, ``lm-distill``, ``lm-eval``.
+
+    locakd lm-sft configs/lm/dolly_teacher_sft.yaml
+    locakd lm-distill configs/lm/dolly_gpt2_kd_loca.yaml run.seed=1
+    locakd lm-distill configs/lm/dolly_gpt2_kd_loca.yaml --resume
+    torchrun --nproc_per_node 4 -m locakd.cli.main lm-distill CONFIG optim.micro_batch_size=4
+    locakd lm-eval runs/lm/kd+loca            # a run directory (its best/ model) or a config file
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+EPILOG = """\
+Overrides are KEY=VALUE pairs after CONFIG (values are YAML: eval.seeds=[1,2,3]), e.g.
+run.seed=1 optim.lr=1e-4 run.device=cpu. Options go before CONFIG or after all overrides.
+Unknown keys and unknown method names are errors.
+
+optim.micro_batch_size is PER PROCESS: under `torchrun --nproc_per_node N -m locakd.cli.main ...`
+one optimizer step sees N x micro_batch_size x grad_accum_steps examples; the CE and KD losses are
+divided by the response tokens of that whole batch. Only rank 0 writes files.
+
+Outputs in run.out_dir: config.yaml, metrics.jsonl, tensorboard/, last.pt (resume state),
+best/ (highest validation ROUGE-L) and final/ (both save_pretrained model + tokenizer, loadable
+with AutoModelForCausalLM.from_pretrained), summary.json.
+
+Config keys (KEY = default  # meaning):
+"""
+
+
+def _key_reference() -> str:
+    from ..config import describe
+    from ..lm.config import LMExperimentConfig
+
+    return "\n".join(describe(LMExperimentConfig))
+
+
+def register(subparsers) -> None:
+    epilog = EPILOG + _key_reference()
+    commands = {
+        "lm-sft": (
+            "fine-tune a causal LM on instruction data (method sft), e.g. a teacher",
+            "Fine-tune model.student with cross-entropy on the response tokens of data.train "
+            "(method.name sft; model.teacher must be unset). Typically used to train the teacher.",
+        ),
+        "lm-distill": (
+            "distill a frozen teacher LM into a student (kd, kd+loca, rkl, rkl+loca, jsd, tv, ...)",
+            "Train model.student with (1 - kd_ratio) * CE + kd_ratio * divergence to the frozen "
+            "model.teacher over response tokens. method.name: sft | kd | kd+loca | rkl | rkl+loca | "
+            "jsd | jsd+loca | skew-kl | skew-kl+loca | skew-rkl | skew-rkl+loca | tv | tv+loca. "
+            "Reports the teacher's token-level mis-instruction rate on the training responses first.",
+        ),
+    }
+    for name, (help_text, description) in commands.items():
+        parser = subparsers.add_parser(name, help=help_text, description=description, epilog=epilog,
+                                       formatter_class=argparse.RawDescriptionHelpFormatter)
+        parser.add_argument("config", metavar="CONFIG",
+                            help="YAML experiment file (with --resume also a run directory)")
+        parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in run.out_dir from its last.pt")
+        parser.add_argument("--stop-after-steps", type=int, default=None, metavar="N",
+                            help="stop (with a checkpoint) after N optimizer steps of this session; "
+                                 "continue later with --resume")
+        parser.add_argument("--print-config", action="store_true",
+                            help="print the resolved config as YAML and exit")
+        parser.set_defaults(func=run_train, command_name=name)
+
+    parser = subparsers.add_parser(
+        "lm-eval",
+        help="generate for the test set and score ROUGE-L / exact match",
+        description=(
+            "Generate a response for every data.test record (greedy, or sampling over eval.seeds) and "
+            "report ROUGE-L and exact match as mean +- std over seeds; writes generations.jsonl and "
+            "eval.json. With a run directory the model is its best/ (eval.checkpoint) and the config its "
+            "config.yaml; with a config file the model is model.student. When model.teacher is set, the "
+            "teacher's token-level mis-instruction rate on the training responses is reported too."
+        ),
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("source", metavar="CONFIG_OR_RUN_DIR", help="a run directory or a YAML config")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides (e.g. eval.do_sample=false data.test=other.jsonl)")
+    parser.add_argument("--out", default=None, metavar="DIR",
+                        help="output folder (default: RUN_DIR/eval or run.out_dir/eval)")
+    parser.add_argument("--checkpoint", choices=["best", "final"], default=None,
+                        help="which model of a run directory (default: eval.checkpoint)")
+    parser.set_defaults(func=run_eval)
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..config import to_dict
+    from ..lm.config import load_lm_config
+    from ..lm.trainer import check_command, train_lm
+
+    config_path = Path(args.config)
+    if config_path.is_dir():
+        if not args.resume:
+            from ..errors import ConfigError
+
+            raise ConfigError(f"{config_path} is a directory; pass a YAML config (or a run directory with --resume)")
+        config_path = config_path / "config.yaml"
+    sft = args.command_name == "lm-sft"
+    config = load_lm_config(config_path, args.overrides, default_method="sft" if sft else None,
+                            require_method="sft" if sft else None)
+    if args.print_config:
+        check_command(config, args.command_name)
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
+    summary = train_lm(config, command=args.command_name, resume=args.resume,
+                       stop_after_steps=args.stop_after_steps)
+    if _is_main_process():
+        keys = ("method", "status", "step", "best", "final_model", "teacher_misinstruction", "train_time_s")
+        print(json.dumps({k: summary.get(k) for k in keys} | {"run_dir": config.run.out_dir}))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from ..lm.pipeline import run_lm_eval
+
+    result = run_lm_eval(args.source, args.overrides, out_dir=args.out, checkpoint=args.checkpoint)
+    keys = ("model", "n_examples", "rouge_l_mean", "rouge_l_std", "exact_match_mean", "exact_match_std",
+            "teacher_misinstruction")
+    print(json.dumps({k: result.get(k) for k in keys}))
+    return 0
