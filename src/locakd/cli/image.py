@@ -89,7 +89,11 @@ def register(subparsers) -> None:
         help="print every config key with its default and meaning",
         description="Print the reference of a config kind: every key, its default and what it does.",
     )
-    parser.add_argument("kind", choices=["image"], help="config kind")
+    parser.add_argument(
+        "kind",
+        choices=["image", "lm"],
+        help="config kind: image (train-teacher, distill) or lm (lm-sft, lm-distill)",
+    )
     parser.add_argument("--yaml", action="store_true", help="print the defaults as a YAML file instead")
     parser.set_defaults(func=run_show_config)
 
@@ -145,13 +149,24 @@ def run_summarize(args: argparse.Namespace) -> int:
 
 
 def run_show_config(args: argparse.Namespace) -> int:
-    from ..training.image_config import ImageExperimentConfig
+    if args.kind == "lm":
+        from ..config import describe
+        from ..lm.config import LMExperimentConfig
 
-    if args.yaml:
-        print(_commented_yaml(ImageExperimentConfig))
+        config_class, title, reference = LMExperimentConfig, "LM experiment config (lm-sft, lm-distill)", None
     else:
-        print("# locakd image experiment config (train-teacher, distill): KEY = default  # meaning")
-        print(_key_reference())
+        from ..training.image_config import ImageExperimentConfig
+
+        config_class, title, reference = (
+            ImageExperimentConfig,
+            "image experiment config (train-teacher, distill)",
+            _key_reference,
+        )
+    if args.yaml:
+        print(_commented_yaml(config_class))
+    else:
+        print(f"# locakd {title}: KEY = default  # meaning")
+        print(reference() if reference else "\n".join(describe(config_class)))
     return 0
 
 

@@ -69,6 +69,9 @@ def _main(argv: list[str] | None = None) -> int:
     except LocakdError as err:
         print(f"locakd {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `locakd show-config image | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
+        return 0
     except KeyboardInterrupt:
         print(f"locakd {args.command}: interrupted; resume with --resume", file=sys.stderr)
         return 130
