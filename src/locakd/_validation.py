@@ -30,10 +30,11 @@ def check_logits(name: str, logits: torch.Tensor, *, check_finite: bool = True, 
         )
     if check_finite:
         # -inf is a legitimate mask value; NaN and +inf make every softmax undefined.
-        bad = torch.isnan(logits) | (logits == math.inf)
-        if bool(bad.any()):
-            count = int(bad.sum())
-            raise InputError(f"{name} contains {count} NaN or +inf value(s)")
+        # One fast pass in the common all-finite case, the precise count only on failure.
+        if not bool(torch.isfinite(logits).all()):
+            bad = torch.isnan(logits) | (logits == math.inf)
+            if bool(bad.any()):
+                raise InputError(f"{name} contains {int(bad.sum())} NaN or +inf value(s)")
 
 
 def check_labels(

@@ -126,11 +126,6 @@ def cases(draw, dtype=None, max_rows=64, temperature=None, alpha=None, scale=Non
     )
 
 
-def rows(x: torch.Tensor) -> torch.Tensor:
-    """Flatten leading dims: [..., C] -> [N, C] (labels [...] -> [N])."""
-    return x.reshape(-1, x.shape[-1]) if x.dim() > 1 else x.reshape(-1)
-
-
 def max_nontarget(values: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """max over i != gt of values[..., i] (labels must be valid)."""
     masked = values.double().scatter(-1, labels.unsqueeze(-1), -math.inf)

@@ -90,12 +90,13 @@ def teacher_log_target(
         log_target = torch.log_softmax(logits / temperature, dim=-1)
         if transform == "none":
             return log_target, None
-        mis, top_index = _mis_rows(logits, labels, ignore_index)
+        mis, _, _ = _mis_rows(logits, labels, ignore_index)
         if transform == "skip":
             return log_target, (~mis).to(log_target.dtype)
         safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels)).unsqueeze(-1)
         row = mis.unsqueeze(-1)
         if transform == "ka_shift":
+            top_index = logits.argmax(dim=-1)
             log_gt = log_target.gather(-1, safe)
             log_top = log_target.gather(-1, top_index.unsqueeze(-1))
             swapped = log_target.scatter(-1, safe, log_top).scatter(-1, top_index.unsqueeze(-1), log_gt)
