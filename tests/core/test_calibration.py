@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 import locakd
 from locakd import loca_calibrate, loca_log_calibrate, misinstruction_mask, misinstruction_rate
 
-PROPERTY = settings(max_examples=40, deadline=None)
-SMALL = settings(max_examples=25, deadline=None)
+PROPERTY = settings(max_examples=100, deadline=None)
+SMALL = settings(max_examples=60, deadline=None)
 
 
 def _flat(case):
@@ -401,7 +401,7 @@ def test_misinstruction_mask_and_rate_match_reference(case):
     )
 
 
-@settings(max_examples=15, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(seed=seeds)
 def test_misinstruction_mask_same_in_every_input_dtype(seed):
     """float16 -> float32 is exact, so the mask of the float16 logits equals that of their float32 copy."""

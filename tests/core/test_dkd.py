@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from locakd import TARGET_TRANSFORMS, decompose_kd, dkd_loss, kd_loss
 
-PROPERTY = settings(max_examples=50, deadline=None)
+PROPERTY = settings(max_examples=125, deadline=None)
 MODERATE = st.sampled_from([0.1, 1.0, 3.0])
 
 
@@ -60,7 +60,7 @@ def test_kd_equals_tckd_plus_nontarget_mass_times_nckd(case, loca):
     torch.testing.assert_close(tckd + mass * nckd, kl, rtol=1e-10, atol=1e-12)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=75, deadline=None)
 @given(case=cases(dtype=torch.float32))
 def test_identity_against_kd_loss_rows(case):
     """kd_loss(reduction='none') / T^2 == TCKD + (1 - p_gt) NCKD of decompose_kd, row by row."""
@@ -199,7 +199,7 @@ def test_dkd_loss_matches_reference(case, transform, reduction, standardize, wei
     )
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=75, deadline=None)
 @given(case=cases(scale=MODERATE), normalizer=st.floats(0.5, 300.0))
 def test_dkd_loca_via_loca_alpha_with_normalizer_matches_reference(case, normalizer):
     _check(case, transform="loca", alpha=case.alpha, normalizer=normalizer, via_alpha=True)

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from locakd import TARGET_TRANSFORMS, kd_loss
 
-PROPERTY = settings(max_examples=60, deadline=None)
+PROPERTY = settings(max_examples=150, deadline=None)
 MODERATE = st.sampled_from([0.1, 1.0, 3.0])
 
 
@@ -109,13 +109,13 @@ def test_kd_loss_matches_reference(case, transform, reduction, standardize):
     _check(case, transform=transform, reduction=reduction, standardize=standardize, rows_factor=rows)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=75, deadline=None)
 @given(case=cases(dtype=torch.float32, scale=MODERATE), normalizer=st.floats(0.5, 500.0))
 def test_kd_loca_with_normalizer_matches_reference(case, normalizer):
     _check(case, transform="loca", alpha=case.alpha, normalizer=normalizer, via_alpha=True)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=75, deadline=None)
 @given(
     case=cases(scale=MODERATE),
     calibrate_correct=st.booleans(),
@@ -131,7 +131,7 @@ def test_kd_loca_ablations_match_reference(case, calibrate_correct, calibrate_be
     )
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=50, deadline=None)
 @given(case=cases(scale=MODERATE), smoothing=st.just(0.0) | st.floats(1e-6, 1.0))
 def test_kd_ka_smooth_any_smoothing_matches_reference(case, smoothing):
     _check(case, transform="ka_smooth", smoothing=smoothing)

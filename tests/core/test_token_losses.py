@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 import locakd
 from locakd import DIVERGENCES, shift_for_next_token, token_distill_loss
 
-PROPERTY = settings(max_examples=60, deadline=None)
+PROPERTY = settings(max_examples=150, deadline=None)
 NAMED = {
     "forward_kl": locakd.forward_kl_loss,
     "reverse_kl": locakd.reverse_kl_loss,
@@ -126,7 +126,7 @@ def test_divergence_matches_reference(case, divergence, loca, reduction, named):
     _check(case, divergence, loca_alpha=case.alpha if loca else None, reduction=reduction, named=named)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=75, deadline=None)
 @given(
     case=cases(scale=st.sampled_from([0.1, 1.0, 3.0])),
     divergence=st.sampled_from(["jsd", "skew_forward_kl", "skew_reverse_kl"]),
@@ -215,7 +215,7 @@ def test_gradient_reaches_student_never_teacher(divergence, loca_alpha, chunk_si
 
 
 # --------------------------------------------------------------------------- chunking
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(
     seed=st.integers(0, 10_000),
     batch=st.integers(1, 3),
@@ -434,7 +434,7 @@ def test_masked_vocabulary_entries_shared_by_student_and_teacher_give_finite_los
 
 
 # --------------------------------------------------------------------------- big vocabulary
-@settings(max_examples=4, deadline=None)
+@settings(max_examples=10, deadline=None)
 @given(
     case=cases(dtype=torch.bfloat16, max_rows=3, scale=3.0, temperature=1.0),
     divergence=st.sampled_from(DIVERGENCES),
