@@ -18,10 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_temperature, compute_dtype
+from .._validation import check_temperature
 from ..errors import InputError
-from .kd import floor_log_probs, reduce_rows, validate_pair
-from .targets import resolve_transform, standardize_logits, teacher_log_target
+from .kd import floor_log_probs, reduce_rows, tempered_log_probs, validate_pair
+from .targets import resolve_transform
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,8 @@ def dkd_loss(
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
                 raise InputError(f"DKD weight {name} must be a finite number >= 0, got {value!r}")
-    log_target, row_weight = teacher_log_target(
+    log_student, log_target, row_weight = tempered_log_probs(
+        student_logits,
         teacher_logits,
         labels,
         temperature,
@@ -108,10 +109,6 @@ def dkd_loss(
         ignore_index=ignore_index,
         standardize=standardize,
     )
-    student = student_logits.to(compute_dtype(student_logits))
-    if standardize:
-        student = standardize_logits(student)
-    log_student = torch.log_softmax(student / temperature, dim=-1)
     parts = decompose_kd(log_student, log_target, labels, ignore_index)
     per_row = (alpha * parts.tckd + beta * parts.nckd) * (temperature**2)
     if row_weight is not None:

@@ -67,6 +67,25 @@ def validate_pair(
         check_labels(labels, teacher_logits, ignore_index)
 
 
+def tempered_log_probs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None,
+    temperature: float,
+    **target_options,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(log_student, log_target, row_weight)`` at ``temperature``, both in float32.
+
+    ``target_options`` go to :func:`teacher_log_target` (transform, loca_alpha, ...);
+    ``standardize`` applies to the student as well. Shared by KD and DKD.
+    """
+    log_target, row_weight = teacher_log_target(teacher_logits, labels, temperature, **target_options)
+    student = student_logits.to(compute_dtype(student_logits))
+    if target_options.get("standardize"):
+        student = standardize_logits(student)
+    return torch.log_softmax(student / temperature, dim=-1), log_target, row_weight
+
+
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -111,7 +130,8 @@ def kd_loss(
     if validate:
         validate_pair(student_logits, teacher_logits, labels, ignore_index)
         temperature = check_temperature(temperature)
-    log_target, row_weight = teacher_log_target(
+    log_student, log_target, row_weight = tempered_log_probs(
+        student_logits,
         teacher_logits,
         labels,
         temperature,
@@ -123,10 +143,6 @@ def kd_loss(
         calibrate_correct=calibrate_correct,
         calibrate_before_temperature=calibrate_before_temperature,
     )
-    student = student_logits.to(compute_dtype(student_logits))
-    if standardize:
-        student = standardize_logits(student)
-    log_student = torch.log_softmax(student / temperature, dim=-1)
     per_row = kl_rows(log_target, log_student) * (temperature**2)
     if row_weight is not None:
         per_row = per_row * row_weight
