@@ -73,7 +73,8 @@ def _main(argv: list[str] | None = None) -> int:
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the flush at exit
         return 0
     except KeyboardInterrupt:
-        print(f"locakd {args.command}: interrupted; resume with --resume", file=sys.stderr)
+        hint = "; resume with --resume" if hasattr(args, "resume") else "; re-run to continue"
+        print(f"locakd {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
 
 
