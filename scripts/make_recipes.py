@@ -6,7 +6,7 @@
 
 Every recipe is a complete :class:`locakd.training.image_config.ImageExperimentConfig`
 (all keys written out, validated by loading it back) with a header saying what it
-reproduces and the published number to compare with (docs: field-notes.md).
+reproduces and the published number to compare with (docs/field-notes.md).
 
 Layout:
     configs/cifar100/teachers/<arch>.yaml                      train-teacher (CE alone)

@@ -4,6 +4,17 @@ One config file is one experiment. Loading is strict: an unknown key, a value of
 the wrong type or a malformed override raises :class:`ConfigError` naming the key
 (with a suggestion when it looks like a typo), so no setting is silently ignored.
 The fully resolved config is written next to every run's results.
+
+Facts about a key live on the key, as dataclass field metadata (see :func:`option`):
+
+* ``help``: the one-line meaning shown by ``--help`` and ``show-config``;
+* ``resume``: True if the key may change when a run is resumed (epochs, device, logging, paths);
+* ``identity``: what the key identifies: ``"experiment"`` (the default: two runs that differ in it
+  are different experiments), ``"run"`` (differs between runs of one experiment, e.g. the seed) or
+  ``"none"`` (does not change any result: paths, device, progress bars).
+
+Every list of such keys (what may change on resume, what groups runs into an experiment, what may
+differ when a finished run is reused) is derived from this metadata by :func:`config_keys`.
 """
 
 from __future__ import annotations
@@ -18,6 +29,82 @@ from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 from .errors import ConfigError
 
 T = TypeVar("T")
+
+IDENTITIES = ("experiment", "run", "none")
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def option(
+    default: Any = _NO_DEFAULT,
+    help: str = "",
+    *,
+    factory: Any = None,
+    resume: bool = False,
+    identity: Literal["experiment", "run", "none"] = "experiment",
+) -> Any:
+    """A config field with its help text and the facts about it (see the module docstring)."""
+    if identity not in IDENTITIES:
+        raise ValueError(f"identity must be one of {IDENTITIES}, got {identity!r}")
+    metadata = {"help": help, "resume": bool(resume), "identity": identity}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def config_keys(
+    cls: type,
+    *,
+    resume: bool | None = None,
+    identity: str | tuple[str, ...] | None = None,
+    prefix: str = "",
+) -> frozenset[str]:
+    """Dotted keys of config class ``cls`` whose metadata matches (``None`` matches anything).
+
+    ``config_keys(C, resume=True)``: keys that may change on resume;
+    ``config_keys(C, identity=("run", "none"))``: keys that do not tell experiments apart.
+    """
+    wanted = (identity,) if isinstance(identity, str) else identity
+    hints = _field_types(cls)
+    keys: set[str] = set()
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            keys |= config_keys(tp, resume=resume, identity=identity, prefix=f"{name}.")
+            continue
+        if resume is not None and bool(f.metadata.get("resume", False)) != resume:
+            continue
+        if wanted is not None and f.metadata.get("identity", "experiment") not in wanted:
+            continue
+        keys.add(name)
+    return frozenset(keys)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (any depth)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_changes(
+    saved: dict[str, Any], current: dict[str, Any], allowed: frozenset[str] | set[str] = frozenset()
+) -> list[str]:
+    """``key: old in the checkpoint, new now`` for every dotted key outside ``allowed`` that differs.
+
+    Both arguments are nested mappings (``to_dict`` of a config, or a loaded ``config.yaml``);
+    the comparison is recursive, so a change at any depth is reported.
+    """
+    a, b = flatten(saved), flatten(current)
+    return [
+        f"{k}: {a.get(k, '<absent>')!r} in the checkpoint, {b.get(k, '<absent>')!r} now"
+        for k in sorted(set(a) | set(b))
+        if k not in allowed and a.get(k) != b.get(k)
+    ]
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .losses import dkd_loss, kd_loss
+from .teachers import FrozenTeacher
 
 __all__ = [
     "DKD_METHODS",
@@ -81,8 +82,9 @@ class DistillOutput:
 class Distiller(nn.Module):
     """Student + frozen teacher + one distillation method.
 
-    The teacher (if any) has ``requires_grad=False``, runs under ``torch.no_grad`` and
-    is kept in eval mode whatever ``.train()`` is called with. The student may be wrapped
+    The teacher (if any) is wrapped in a :class:`~locakd.teachers.FrozenTeacher`: it has
+    ``requires_grad=False``, runs under ``torch.no_grad`` and is kept in eval mode whatever
+    ``.train()`` is called with. The student may be wrapped
     (e.g. in ``DistributedDataParallel``); :attr:`student` is whatever was passed.
 
     Args:
@@ -120,7 +122,7 @@ class Distiller(nn.Module):
         if (calibrate_correct or calibrate_before_temperature) and method != "kd+loca":
             raise ConfigError("calibrate_correct / calibrate_before_temperature apply to method kd+loca only")
         self.student = student
-        self.teacher = teacher
+        self.teacher = FrozenTeacher(teacher) if teacher is not None else None
         self.method = method
         self.temperature = float(temperature)
         self.ce_weight = float(ce_weight)
@@ -133,9 +135,6 @@ class Distiller(nn.Module):
         self.smoothing = float(smoothing)
         self.calibrate_correct = bool(calibrate_correct)
         self.calibrate_before_temperature = bool(calibrate_before_temperature)
-        if teacher is not None:
-            teacher.requires_grad_(False)
-            teacher.eval()
 
     @classmethod
     def from_config(cls, student: nn.Module, teacher: nn.Module | None, method: Any) -> Distiller:
@@ -143,13 +142,6 @@ class Distiller(nn.Module):
         values = dataclasses.asdict(method) if dataclasses.is_dataclass(method) else dict(method)
         name = values.pop("name")
         return cls(student, teacher, name, **values)
-
-    # The teacher never leaves eval mode (BatchNorm statistics and dropout stay frozen).
-    def train(self, mode: bool = True) -> Distiller:
-        super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
-        return self
 
     def student_parameters(self):
         """The parameters to optimise (the teacher's are frozen)."""
@@ -162,12 +154,7 @@ class Distiller(nn.Module):
         return min((float(epoch) + 1.0) / self.warmup_epochs, 1.0)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor | None:
-        if self.teacher is None:
-            return None
-        if self.teacher.training:  # someone called teacher.train() directly
-            self.teacher.eval()
-        with torch.no_grad():
-            return self.teacher(images)
+        return None if self.teacher is None else self.teacher(images)
 
     def compute(
         self, images: torch.Tensor, labels: torch.Tensor, epoch: float | None = None

@@ -39,20 +39,6 @@ __all__ = ["MODES", "RunResult", "RunSpec", "check_same_experiment", "execute_sp
 
 MODES = ("train-teacher", "distill")
 
-# Config keys that may differ between a finished run and a spec that reuses it (paths, logging, device).
-_REUSABLE_DIFFERENCES = frozenset(
-    {
-        "run.out_dir",
-        "run.device",
-        "run.progress",
-        "run.tensorboard",
-        "data.root",
-        "data.download",
-        "data.num_workers",
-        "data.eval_batch_size",
-        "teacher.checkpoint",
-    }
-)
 
 
 @dataclass
@@ -106,32 +92,25 @@ class RunResult:
         return self.status != "failed"
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def check_same_experiment(spec: RunSpec) -> None:
     """Raise ConfigError if ``spec.out_dir/config.yaml`` describes a different experiment than ``spec``."""
     import yaml
 
-    from ..config import to_dict
+    from ..config import config_keys, flatten, to_dict
+    from ..training.image_config import ImageExperimentConfig
 
     saved_path = Path(spec.out_dir) / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
     # Round-trip through YAML so that tuples / floats compare as they were written.
-    current = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(spec.config()), sort_keys=False)))
+    current = flatten(yaml.safe_load(yaml.safe_dump(to_dict(spec.config()), sort_keys=False)))
+    # Keys that change no result (paths, device, logging) may differ; the seed may not.
+    reusable = config_keys(ImageExperimentConfig, identity="none")
     diffs = [
         f"{k}: {saved.get(k, '<absent>')!r} there, {current.get(k, '<absent>')!r} now"
         for k in sorted(set(saved) | set(current))
-        if k not in _REUSABLE_DIFFERENCES and saved.get(k) != current.get(k)
+        if k not in reusable and saved.get(k) != current.get(k)
     ]
     if diffs:
         raise ConfigError(

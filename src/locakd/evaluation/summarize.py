@@ -19,26 +19,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import config_keys, flatten
 from ..errors import DataError
 
 __all__ = ["GroupSummary", "RunRecord", "find_runs", "format_table", "load_run", "mean_std", "summarize_runs"]
 
-# Config keys that do not define the experiment (they may differ between seeds of one group).
-IGNORED_KEYS = frozenset(
-    {
-        "run.seed",
-        "run.out_dir",
-        "run.device",
-        "run.progress",
-        "run.tensorboard",
-        "run.eval_every",
-        "data.root",
-        "data.download",
-        "data.num_workers",
-        "data.eval_batch_size",
-        "teacher.checkpoint",
-    }
-)
+
+def _ignored_keys() -> frozenset[str]:
+    """Config keys that do not define the experiment (they may differ between seeds of one group)."""
+    from ..training.image_config import ImageExperimentConfig
+
+    return config_keys(ImageExperimentConfig, identity=("run", "none"))
 
 
 @dataclass
@@ -83,17 +74,6 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
-
-
 def find_runs(paths: Iterable[str | Path]) -> tuple[list[Path], list[Path]]:
     """(finished run folders, unfinished run folders) under ``paths`` (each a run or a parent)."""
     finished: set[Path] = set()
@@ -123,7 +103,7 @@ def load_run(run_dir: str | Path) -> RunRecord:
         raise DataError(f"run folder {run_dir}: cannot read summary.json / config.yaml ({err})") from None
     if not isinstance(summary, dict) or "best_top1" not in summary or "last_top1" not in summary:
         raise DataError(f"run folder {run_dir}: summary.json lacks best_top1 / last_top1")
-    return RunRecord(str(run_dir), _flatten(config), summary)
+    return RunRecord(str(run_dir), flatten(config), summary)
 
 
 def _fmt_value(value: Any) -> str:
@@ -133,8 +113,9 @@ def _fmt_value(value: Any) -> str:
 def summarize_runs(records: list[RunRecord]) -> list[GroupSummary]:
     """Group ``records`` (see module doc) and compute mean +- std per group."""
     groups: dict[tuple, list[RunRecord]] = {}
+    ignored = _ignored_keys()
     for rec in records:
-        key = tuple(sorted((k, _fmt_value(v)) for k, v in rec.config.items() if k not in IGNORED_KEYS))
+        key = tuple(sorted((k, _fmt_value(v)) for k, v in rec.config.items() if k not in ignored))
         groups.setdefault(key, []).append(rec)
 
     def ident(rec: RunRecord) -> tuple[str, str, str, str]:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import apply_overrides, from_dict, read_yaml
+from ..config import apply_overrides, from_dict, option, read_yaml
 from ..errors import ConfigError
 
 # method name -> divergence of locakd.token_distill_loss (None: cross-entropy only)
@@ -69,10 +69,10 @@ def method_spec(name: str) -> MethodSpec:
     return MethodSpec(name=name, divergence=BASE_METHODS[base], loca=bool(plus))
 
 
-def _help(text: str, default: Any = None, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"help": text})
-    return field(default=default, metadata={"help": text})
+def _help(text: str, default: Any = None, factory: Any = None, *, resume: bool = False,
+          identity: str = "experiment") -> Any:
+    """A field with its help text and the facts read by :func:`locakd.config.config_keys`."""
+    return option(default, text, factory=factory, resume=resume, identity=identity)
 
 
 @dataclass
@@ -95,10 +95,10 @@ class LMModelConfig:
 class LMDataConfig:
     train: str = _help("training records: Dolly-layout .jsonl or a Hugging Face dataset name", "")
     valid: str | None = _help("validation records (checkpoint selection); None: see valid_holdout", None)
-    test: str | None = _help("test records for lm-eval", None)
+    test: str | None = _help("test records for lm-eval", None, resume=True, identity="none")
     train_split: str = _help("split name when train is a HF dataset", "train")
     valid_split: str = _help("split name when valid is a HF dataset", "validation")
-    test_split: str = _help("split name when test is a HF dataset", "test")
+    test_split: str = _help("split name when test is a HF dataset", "test", resume=True, identity="none")
     valid_holdout: int = _help("without data.valid: hold out this many training records as validation", 0)
     template: str = _help("prompt template preset: alpaca (MiniLLM/Dolly) or compact", "alpaca")
     prompt_with_context: str | None = _help("custom template ({instruction}, {context}); overrides the preset", None)
@@ -136,45 +136,44 @@ class LMOptimConfig:
     grad_clip: float | None = _help("clip the global gradient norm (None/0: off)", 1.0)
     micro_batch_size: int = _help("examples per forward pass per process", 8)
     grad_accum_steps: int = _help("micro-batches per optimizer step", 1)
-    epochs: int = _help("passes over the training data (ignored when max_steps is set)", 10)
-    max_steps: int | None = _help("total optimizer steps (overrides epochs)", None)
+    epochs: int = _help("passes over the training data (ignored when max_steps is set)", 10, resume=True)
+    max_steps: int | None = _help("total optimizer steps (overrides epochs)", None, resume=True)
 
 
 @dataclass
 class LMRunConfig:
-    seed: int = _help("seed of initialisation, data order and dropout", 0)
-    device: str = _help("auto, cpu, cuda, cuda:1, mps", "auto")
+    seed: int = _help("seed of initialisation, data order and dropout", 0, identity="run")
+    device: str = _help("auto, cpu, cuda, cuda:1, mps", "auto", resume=True, identity="none")
     precision: Literal["float32", "bfloat16", "float16"] = _help(
         "student autocast precision (loss math stays float32; float16 needs a GPU)", "float32"
     )
-    out_dir: str = _help("run directory", "runs/lm")
-    log_every: int = _help("log training metrics every N optimizer steps", 10)
-    eval_every: int = _help("validate every N optimizer steps (0: at the end of every epoch)", 0)
-    save_every: int = _help("write last.pt every N optimizer steps (0: at every validation)", 0)
-    progress: bool = _help("show progress bars", True)
-    tensorboard: bool = _help("write TensorBoard scalars to run_dir/tensorboard", True)
-    dist_timeout_s: float = _help("timeout of collective operations under torchrun", 1800.0)
+    out_dir: str = _help("run directory", "runs/lm", resume=True, identity="none")
+    log_every: int = _help("log training metrics every N optimizer steps", 10, resume=True, identity="none")
+    eval_every: int = _help("validate every N optimizer steps (0: at the end of every epoch)", 0, resume=True, identity="run")
+    save_every: int = _help("write last.pt every N optimizer steps (0: at every validation)", 0, resume=True, identity="none")
+    progress: bool = _help("show progress bars", True, resume=True, identity="none")
+    tensorboard: bool = _help("write TensorBoard scalars to run_dir/tensorboard", True, resume=True, identity="none")
+    dist_timeout_s: float = _help("timeout of collective operations under torchrun", 1800.0, resume=True, identity="none")
 
 
 @dataclass
 class LMEvalConfig:
     max_new_tokens: int = _help("tokens generated per prompt", 128)
-    do_sample: bool = _help("test decoding: sampling (MiniLLM recipe) or greedy", True)
-    temperature: float = _help("sampling temperature", 1.0)
-    top_p: float = _help("nucleus sampling threshold", 1.0)
-    top_k: int = _help("top-k sampling (0: off)", 0)
+    do_sample: bool = _help("test decoding: sampling (MiniLLM recipe) or greedy", True, resume=True)
+    temperature: float = _help("sampling temperature", 1.0, resume=True)
+    top_p: float = _help("nucleus sampling threshold", 1.0, resume=True)
+    top_k: int = _help("top-k sampling (0: off)", 0, resume=True)
     seeds: list[int] = _help("generation seeds (greedy decoding uses the first only)", None,
-                             factory=lambda: [10, 20, 30, 40, 50])
-    batch_size: int = _help("prompts per generate() call", 16)
+                             factory=lambda: [10, 20, 30, 40, 50], resume=True)
+    batch_size: int = _help("prompts per generate() call", 16, resume=True, identity="none")
     case_sensitive: bool = _help("exact match compares case", True)
     select_by: Literal["rouge_l", "exact_match", "loss"] = _help(
         "validation metric that picks run_dir/best (rouge_l / exact_match: greedy generation; loss: CE)", "rouge_l"
     )
     valid_max_examples: int | None = _help("validation records generated for checkpoint selection", 200)
-    checkpoint: Literal["best", "final"] = _help("model lm-eval takes from a run directory", "best")
+    checkpoint: Literal["best", "final"] = _help("model lm-eval takes from a run directory", "best", resume=True, identity="none")
     misinstruction_max_examples: int | None = _help(
-        "training records used for the teacher's token-level mis-instruction rate (None: all)", 2000
-    )
+        "training records used for the teacher's token-level mis-instruction rate (None: all)", 2000, resume=True)
 
 
 @dataclass

@@ -4,7 +4,7 @@
   with clear errors for missing paths and a pad token set to EOS when the tokenizer has none.
 * :func:`check_vocab` / :func:`crop_logits` -- teacher and student must produce logits over the same
   vocabulary before a KD loss can compare them (see :func:`check_vocab` for the padded-rows case).
-* :func:`freeze_teacher` / :class:`FrozenTeacher` -- the teacher never trains and stays in eval mode.
+* :class:`~locakd.teachers.FrozenTeacher` (re-exported here) -- the teacher never trains and stays in eval mode.
 * :func:`tiny_gpt2_config` / :func:`create_causal_lm` -- small randomly initialised GPT-2s for tests
   and the CPU benchmark.
 
@@ -23,6 +23,7 @@ from torch import nn
 
 from locakd.errors import ConfigError, DataError, InputError
 from locakd.lm.data import looks_like_hub_name
+from locakd.teachers import FrozenTeacher, freeze_teacher  # noqa: F401  (re-exported)
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -186,54 +187,6 @@ def crop_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
     if size == vocab_size:
         return logits
     return logits[..., :vocab_size]
-
-
-# --------------------------------------------------------------------------------------------------
-# Teacher
-# --------------------------------------------------------------------------------------------------
-
-
-def freeze_teacher(model: nn.Module) -> nn.Module:
-    """Put ``model`` in eval mode and turn off ``requires_grad`` on every parameter; returns it.
-
-    A later ``parent.train()`` on a module that contains the teacher flips it back to train mode
-    (dropout on!). Either call ``teacher.eval()`` after every ``.train()`` or wrap it in
-    :class:`FrozenTeacher`, whose ``train()`` keeps the inner model in eval mode.
-    """
-    model.eval()
-    model.requires_grad_(False)
-    return model
-
-
-class FrozenTeacher(nn.Module):
-    """A frozen teacher that cannot be switched back to train mode and runs without autograd.
-
-    ``FrozenTeacher(model)(input_ids=..., attention_mask=...)`` calls ``model`` under
-    ``torch.no_grad()`` (not ``inference_mode``: its outputs are used as constants inside the
-    student's autograd graph). ``train(True)`` is ignored for the inner model. Unknown attributes
-    (``config``, ``device``, ``get_output_embeddings`` ...) are forwarded to the inner model.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.module = freeze_teacher(model)
-
-    def train(self, mode: bool = True) -> FrozenTeacher:
-        super().train(False)
-        self.module.eval()
-        return self
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if self.module.training:  # someone called module.train() directly
-            self.module.eval()
-        with torch.no_grad():
-            return self.module(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(super().__getattr__("module"), name)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, DataError
+from ..teachers import FrozenTeacher
 from ..training.checkpoint import atomic_write_text
 from .config import LMExperimentConfig, load_lm_config
 from .data import (
@@ -29,7 +30,7 @@ from .data import (
     tokenize_examples,
     train_test_split_records,
 )
-from .models import FrozenTeacher, create_causal_lm, load_causal_lm, load_tokenizer
+from .models import create_causal_lm, load_causal_lm, load_tokenizer
 
 VALID_HOLDOUT_SEED = 0
 """The train/valid hold-out split does not depend on run.seed, so every seed sees the same split."""

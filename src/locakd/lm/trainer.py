@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import to_dict
+from ..config import config_changes, config_keys, to_dict
 from ..errors import CheckpointError, ConfigError
 from ..losses.token import token_distill_loss
 from ..training.checkpoint import atomic_write_text, load_checkpoint, load_model_state, save_checkpoint
@@ -61,14 +61,8 @@ from .pipeline import (
 
 CHECKPOINT_FORMAT = "locakd-lm-v1"
 
-# Config keys that may change when a run is resumed; any other difference is an error.
-RESUMABLE_CHANGES = frozenset({
-    "run.device", "run.progress", "run.tensorboard", "run.log_every", "run.eval_every", "run.save_every",
-    "run.out_dir", "run.dist_timeout_s", "optim.epochs", "optim.max_steps",
-    "data.test", "data.test_split",
-    "eval.do_sample", "eval.temperature", "eval.top_p", "eval.top_k", "eval.seeds", "eval.batch_size",
-    "eval.checkpoint", "eval.misinstruction_max_examples",
-})
+# Config keys that may change when a run is resumed (field metadata); any other difference is an error.
+RESUMABLE_CHANGES = config_keys(LMExperimentConfig, resume=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -513,7 +507,7 @@ def _train_with_logger(config, command, resume, stop_after_steps, device, env, l
             _set_rng_state(rng[env.rank])
         else:
             seed_everything(run.seed + env.rank + 7919 * step)
-        changes = config_changes(state.get("config") or {}, to_dict(config))
+        changes = config_changes(state.get("config") or {}, to_dict(config), RESUMABLE_CHANGES)
         if changes:
             raise ConfigError(
                 f"cannot resume {run_dir} with a different config ({'; '.join(changes)}); only "
@@ -691,17 +685,3 @@ def _sharded_misinstruction(config, teacher, tokenizer, train_ds, vocab, env, de
     rate = n_mis / max(n_tok, 1)
     return {"misinstruction_rate": rate, "top1_accuracy": 1.0 - rate, "n_tokens": n_tok,
             "n_misinstructed": n_mis, "n_examples": len(examples)}
-
-
-def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """``section.key: old -> new`` for every key outside :data:`RESUMABLE_CHANGES` that differs."""
-    changes = []
-    for section, values in current.items():
-        old = saved.get(section, {})
-        if not isinstance(values, dict) or not isinstance(old, dict):
-            continue
-        for key, value in values.items():
-            name = f"{section}.{key}"
-            if name not in RESUMABLE_CHANGES and old.get(key) != value:
-                changes.append(f"{name}: {old.get(key)!r} -> {value!r}")
-    return changes

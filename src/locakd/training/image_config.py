@@ -37,8 +37,9 @@ __all__ = [
 ]
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _help(text: str, *, resume: bool = False, identity: str = "experiment") -> dict[str, object]:
+    """Field metadata: help text plus the facts read by :func:`locakd.config.config_keys`."""
+    return {"help": text, "resume": resume, "identity": identity}
 
 
 def _positive(key: str, value: float, *, allow_zero: bool = False) -> None:
@@ -57,11 +58,13 @@ class DataConfig:
         default="data",
         metadata=_help(
             "data folder: CIFAR archive/extracted folder; imagefolder root with train/ and val/; "
-            "mnist1d cache folder ('' = no cache)"
+            "mnist1d cache folder ('' = no cache)",
+            resume=True,
+            identity="none",
         ),
     )
     download: bool = field(
-        default=False, metadata=_help("CIFAR only: download the official archive if missing")
+        default=False, metadata=_help("CIFAR only: download the official archive if missing", resume=True, identity="none")
     )
     batch_size: int = field(
         default=64,
@@ -69,7 +72,7 @@ class DataConfig:
             "training batch PER PROCESS; under torchrun the global batch is batch_size x nproc_per_node"
         ),
     )
-    eval_batch_size: int = field(default=256, metadata=_help("evaluation batch per process"))
+    eval_batch_size: int = field(default=256, metadata=_help("evaluation batch per process", resume=True, identity="none"))
     augment: bool = field(
         default=True,
         metadata=_help(
@@ -78,7 +81,7 @@ class DataConfig:
         ),
     )
     drop_last: bool = field(default=False, metadata=_help("drop the last incomplete training batch"))
-    num_workers: int = field(default=8, metadata=_help("imagefolder only: DataLoader worker processes"))
+    num_workers: int = field(default=8, metadata=_help("imagefolder only: DataLoader worker processes", resume=True, identity="none"))
     image_size: int = field(default=224, metadata=_help("imagefolder only: crop size"))
     mnist1d_samples: int = field(default=5000, metadata=_help("mnist1d only: total samples (train + test)"))
     mnist1d_train_split: float = field(
@@ -114,7 +117,9 @@ class TeacherConfig:
     checkpoint: str = field(
         default="",
         metadata=_help(
-            "teacher weights: a best.pt / last.pt file or a teacher run folder (its best.pt is used)"
+            "teacher weights: a best.pt / last.pt file or a teacher run folder (its best.pt is used)",
+            resume=True,
+            identity="none",
         ),
     )
 
@@ -228,10 +233,10 @@ class OptimConfig:
 @dataclass
 class RunConfig:
     epochs: int = field(
-        default=240, metadata=_help("training epochs (raise it with --resume to extend a run)")
+        default=240, metadata=_help("training epochs (raise it with --resume to extend a run)", resume=True)
     )
-    seed: int = field(default=0, metadata=_help("seed of model init, data order and augmentation"))
-    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps"))
+    seed: int = field(default=0, metadata=_help("seed of model init, data order and augmentation", identity="run"))
+    device: str = field(default="auto", metadata=_help("auto | cpu | cuda | cuda:N | mps", resume=True, identity="none"))
     precision: Literal["float32", "bfloat16", "float16"] = field(
         default="float32",
         metadata=_help(
@@ -242,12 +247,14 @@ class RunConfig:
         default="",
         metadata=_help(
             "run folder; '' = runs/<data>/<teacher>_<student>/<method>/seed<seed> "
-            "(train-teacher: runs/<data>/<model>/ce/seed<seed>)"
+            "(train-teacher: runs/<data>/<model>/ce/seed<seed>)",
+            resume=True,
+            identity="none",
         ),
     )
-    eval_every: int = field(default=1, metadata=_help("evaluate every N epochs (the last epoch always)"))
-    progress: bool = field(default=True, metadata=_help("tqdm progress bars (rank 0 only)"))
-    tensorboard: bool = field(default=True, metadata=_help("TensorBoard scalars in <out_dir>/tensorboard"))
+    eval_every: int = field(default=1, metadata=_help("evaluate every N epochs (the last epoch always)", resume=True, identity="run"))
+    progress: bool = field(default=True, metadata=_help("tqdm progress bars (rank 0 only)", resume=True, identity="none"))
+    tensorboard: bool = field(default=True, metadata=_help("TensorBoard scalars in <out_dir>/tensorboard", resume=True, identity="none"))
     sync_batchnorm: bool = field(
         default=False, metadata=_help("DDP: convert the student's BatchNorm to SyncBatchNorm")
     )

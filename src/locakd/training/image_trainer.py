@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import to_dict
+from ..config import config_changes, config_keys, to_dict
 from ..distiller import Distiller
 from ..errors import CheckpointError, ConfigError, LocakdError
 from ..evaluation.metrics import evaluate
@@ -66,22 +66,8 @@ MODES = ("train-teacher", "distill")
 # Called on every rank after an epoch's checkpoint is written: (completed epochs, epoch metrics).
 EpochCallback = Callable[[int, dict[str, float]], None]
 
-# Config keys that may change when a run is resumed; any other difference is an error.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "run.epochs",
-        "run.device",
-        "run.progress",
-        "run.tensorboard",
-        "run.eval_every",
-        "run.out_dir",
-        "data.root",
-        "data.download",
-        "data.num_workers",
-        "data.eval_batch_size",
-        "teacher.checkpoint",
-    }
-)
+# Config keys that may change when a run is resumed (field metadata); any other difference is an error.
+RESUMABLE_CHANGES = config_keys(ImageExperimentConfig, resume=True)
 
 # Test hook: make one rank fail at one training step (exercises failure propagation under DDP).
 _FAIL_RANK_ENV = "LOCAKD_TEST_FAIL_RANK"
@@ -204,25 +190,6 @@ def load_teacher(
     return teacher.to(device)
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    a, b = _flatten(saved), _flatten(current)
-    return [
-        f"{k}: {a.get(k, '<absent>')!r} in the checkpoint, {b.get(k, '<absent>')!r} now"
-        for k in sorted(set(a) | set(b))
-        if k not in RESUMABLE_CHANGES and a.get(k) != b.get(k)
-    ]
-
-
 def _rng_state(device: torch.device) -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -284,7 +251,7 @@ class _ImageRun:
                 raise CheckpointError(
                     f"{last} is not a locakd image-run checkpoint (format {self.ckpt.get('format')!r})"
                 )
-            changes = _config_changes(self.ckpt.get("config", {}), to_dict(cfg))
+            changes = config_changes(self.ckpt.get("config", {}), to_dict(cfg), RESUMABLE_CHANGES)
             if changes:
                 raise ConfigError(
                     f"cannot resume {self.out_dir} with a different config ({'; '.join(changes)}); only "
