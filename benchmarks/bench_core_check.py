@@ -122,7 +122,7 @@ def token_group(shape, divergences=("forward_kl",), chunk_sizes=(None, 1024), ig
     return s, variants, {}
 
 
-def linear_group(tokens, hidden, vocab, chunk_sizes=(1024,)):
+def linear_group(tokens, hidden, vocab, chunk_sizes=(256, 1024)):
     gen = torch.Generator().manual_seed(0)
     hs = torch.randn(tokens, hidden, generator=gen)
     ht = torch.randn(tokens, hidden, generator=gen)
@@ -207,7 +207,7 @@ def build(group, spec):
         return kd_group(spec)
     if group == "token":
         return token_group(spec[:2], divergences=spec[2], ignored=spec[3])
-    return linear_group(*spec)
+    return linear_group(*spec[:3], chunk_sizes=spec[3])
 
 
 def main():
@@ -220,6 +220,7 @@ def main():
     parser.add_argument("--shapes", default=None, help="comma list, e.g. 8192x100,1024x1000 (linear: 8192x768x50257)")
     parser.add_argument("--divergences", default="forward_kl")
     parser.add_argument("--ignored", type=float, default=0.0, help="fraction of ignore_index rows (token group)")
+    parser.add_argument("--chunks", default="256,1024", help="chunk sizes of the fused variants (linear group)")
     parser.add_argument("--memory", action="store_true", help="peak extra RSS per variant, fresh process each")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -228,7 +229,9 @@ def main():
     shapes = [tuple(int(v) for v in s.split("x")) for s in (args.shapes or default[args.group]).split(",")]
     divergences = tuple(args.divergences.split(","))
     for shape in shapes:
-        spec = shape if args.group != "token" else (*shape, divergences, args.ignored)
+        spec = {"kd": shape, "token": (*shape, divergences, args.ignored)}.get(
+            args.group, (*shape, tuple(int(c) for c in args.chunks.split(",")))
+        )
         if args.child is not None:
             memory_child(args.group, spec, args.child)
             return
@@ -238,7 +241,8 @@ def main():
             for name in variants:
                 out = subprocess.run(
                     [sys.executable, __file__, args.group, "--shapes", "x".join(map(str, shape)),
-                     "--divergences", args.divergences, "--ignored", str(args.ignored), "--child", name],
+                     "--divergences", args.divergences, "--ignored", str(args.ignored), "--chunks", args.chunks,
+                     "--child", name],
                     capture_output=True, text=True, check=True,
                 )
                 extra = json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
