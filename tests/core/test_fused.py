@@ -187,3 +187,20 @@ def test_per_row_losses_and_upstream_weights():
     zmax = logit_scale(case.student, case.teacher, temperature=2.0)
     torch.testing.assert_close(rows.detach().double(), expected.detach(), rtol=RTOL32, atol=loss_atol(zmax, 4.0))
     assert_grad_close(s.grad, s64.grad, zmax, 1.5 * 2.0)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_float16_gradient_survives_a_large_normaliser_and_loss_scaling(divergence):
+    """fp16 logits, a mean over 1e6 tokens and a GradScaler-like factor 2^16: the fp16 gradient
+    is fp16(2^16 * g) as in a plain autograd graph, not 0 (the stored gradient is pre-scaled by a
+    power of two, so its entries never fall below float16's range before grad_output arrives)."""
+    case = _case(dtype=torch.float16)
+    s = case.student.clone().requires_grad_(True)
+    (2.0**16 * locakd.token_distill_loss(s, case.teacher, case.labels, divergence, normalizer=1e6)).backward()
+    s32 = case.student.float().requires_grad_(True)
+    (2.0**16 * locakd.token_distill_loss(s32, case.teacher.float(), case.labels, divergence, normalizer=1e6)).backward()
+    expected = s32.grad.to(torch.float16)
+    assert float(expected.abs().max()) > 0 and float((expected != 0).float().mean()) > 0.5
+    # float32 gradient rounded to float16, possibly twice (scaled, then unscaled): one ulp
+    info = torch.finfo(torch.float16)
+    torch.testing.assert_close(s.grad.float(), expected.float(), rtol=info.eps, atol=info.tiny * info.eps)

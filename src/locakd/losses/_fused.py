@@ -19,6 +19,7 @@ The divergence-specific block functions live with their registry entries
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -174,8 +175,23 @@ def _shifted(z: torch.Tensor, top: torch.Tensor, inv_t: float, out: torch.Tensor
 # --------------------------------------------------------------------------- the kernel
 class RowsResult(NamedTuple):
     losses: torch.Tensor  # [N] divergence per row (0 on ignored rows), unweighted
-    grad: torch.Tensor | None  # [N, Vs] gradient of the weighted sum, or None
+    grad: torch.Tensor | None  # [N, Vs] gradient of the weighted sum, times grad_scale, or None
     ce_losses: torch.Tensor | None  # [N] cross-entropy per row when asked for, else None
+    grad_scale: float = 1.0  # the stored gradient is the true one times this power of two
+
+
+def float16_prescale(dtype: torch.dtype, size: float) -> float:
+    """A power of two that brings a gradient of typical entry ``size`` to ~1 when it is stored in
+    float16 (1.0 for other dtypes).
+
+    float16's range is narrow: a mean over thousands of tokens has entries far below its
+    smallest normal number, which would be flushed before the backward multiplies in the
+    (loss-scaled) ``grad_output``. Stored times this factor, and divided by it in the backward,
+    they keep float16's full relative precision. bfloat16 has float32's range and needs none.
+    """
+    if dtype != torch.float16 or not size > 0 or not math.isfinite(size):
+        return 1.0
+    return 2.0 ** -math.floor(math.log2(size))
 
 
 def run_rows(
@@ -215,8 +231,11 @@ def run_rows(
     losses = torch.zeros(n, dtype=dtype, device=student.device)
     ce_losses = None if ce_scale is None else torch.zeros(n, dtype=dtype, device=student.device)
     grad = None
+    grad_scale = 1.0
     if with_grad:
         grad = grad_out if grad_out is not None else torch.empty_like(student)
+        grad_scale = float16_prescale(grad.dtype, scale * inv_t)
+        scale, ce_scale = scale * grad_scale, None if ce_scale is None else ce_scale * grad_scale
     valid, rows = None, None
     if labels is not None:
         valid = labels != plan.ignore_index
@@ -274,7 +293,7 @@ def run_rows(
         fixed(bad.nonzero().squeeze(-1), step)
     if plan.validate and rows is not None:
         _check_skipped_rows(checked, ~valid)
-    return RowsResult(losses, grad, ce_losses)
+    return RowsResult(losses, grad, ce_losses, grad_scale)
 
 
 def _put(target: torch.Tensor, start: int, stop: int, index: torch.Tensor | None, values: torch.Tensor) -> None:
@@ -373,8 +392,10 @@ class FusedRowsFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student, teacher, labels, row_coef, scale, plan, checked):  # noqa: D401
-        losses, grad, _ = run_rows(student, teacher, labels, row_coef, scale, plan, with_grad=True, checked=checked)
-        ctx.grad = grad
+        losses, grad, _, grad_scale = run_rows(
+            student, teacher, labels, row_coef, scale, plan, with_grad=True, checked=checked
+        )
+        ctx.grad, ctx.grad_scale = grad, grad_scale
         ctx.per_row = plan.per_row
         return _combine(losses, scale, row_coef, plan.per_row)
 
@@ -388,10 +409,11 @@ class FusedRowsFunction(torch.autograd.Function):
                 "a second backward through the same graph (retain_graph=True) is not supported"
             )
         ctx.grad = None  # let autograd own (and free) the buffer
+        factor = grad_output if ctx.grad_scale == 1.0 else grad_output.float() / ctx.grad_scale
         if ctx.per_row:
-            grad.mul_(grad_output.to(grad.dtype).unsqueeze(-1))
-        elif grad_output.device.type != "cpu" or float(grad_output) != 1.0:
-            grad.mul_(grad_output.to(grad.dtype))
+            grad.mul_(factor.unsqueeze(-1))
+        elif ctx.grad_scale != 1.0 or grad_output.device.type != "cpu" or float(grad_output) != 1.0:
+            grad.mul_(factor)
         return grad, None, None, None, None, None, None
 
 
@@ -410,7 +432,7 @@ def fused_rows(
     teacher = teacher.detach()
     if student.requires_grad and torch.is_grad_enabled():
         return FusedRowsFunction.apply(student, teacher, labels, row_coef, scale, plan, checked)
-    losses, _, _ = run_rows(student.detach(), teacher, labels, row_coef, scale, plan, with_grad=False, checked=checked)
+    losses = run_rows(student.detach(), teacher, labels, row_coef, scale, plan, with_grad=False, checked=checked).losses
     return _combine(losses, scale, row_coef, plan.per_row)
 
 
