@@ -13,8 +13,7 @@ import pytest
 import torch
 from train_helpers import tiny_config
 
-from locakd.config import save_config
-from locakd.training.checkpoint import load_checkpoint
+from locakd.engine.io import load_checkpoint, save_config
 from locakd.training.image_trainer import distill
 from locakd.training.run_dir import read_metrics
 

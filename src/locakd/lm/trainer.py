@@ -513,8 +513,7 @@ def _train_with_logger(config, command, resume, stop_after_steps, device, env, l
                 f"cannot resume {run_dir} with a different config ({'; '.join(changes)}); only "
                 f"{', '.join(sorted(RESUMABLE_CHANGES))} may change"
             )
-        logger.truncate_metrics_after(step, tag="train")
-        logger.truncate_metrics_after(step, tag="valid")
+        logger.keep_through(step)
         logger.info(f"{command}: resumed from {last_path} at step {step}/{total_steps}")
     logger.save_config(config)
 

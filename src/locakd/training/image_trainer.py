@@ -414,7 +414,7 @@ class _ImageRun:
         try:
             logger.save_config(cfg)
             if self.ckpt is not None:
-                logger.truncate_metrics_after(self.start_epoch)
+                logger.keep_through(self.start_epoch)
                 logger.info(f"resuming {self.out_dir} after epoch {self.start_epoch}/{cfg.run.epochs}")
             else:
                 logger.info(
