@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from locakd.data import BatchLoader, TensorImageDataset
-from locakd.evaluation import evaluate, topk_correct
+from locakd.image.evaluate import evaluate, topk_correct
 
 
 def test_topk_correct_counts():

@@ -11,11 +11,11 @@ import time
 
 import pytest
 import torch
-from train_helpers import tiny_config
+from image_helpers import tiny_config
 
 from locakd.engine.io import load_checkpoint, save_config
-from locakd.training.image_trainer import distill
-from locakd.training.run_dir import read_metrics
+from locakd.engine.logging import read_metrics
+from locakd.image.trainer import distill
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
 

@@ -8,15 +8,15 @@ import shutil
 import pytest
 import torch
 import yaml
-from train_helpers import tiny_config
+from image_helpers import tiny_config
 
 from locakd.config import from_dict, to_dict
 from locakd.distiller import METHODS
+from locakd.engine.io import load_checkpoint
+from locakd.engine.logging import read_metrics
 from locakd.errors import CheckpointError, ConfigError, DataError
-from locakd.training.checkpoint import load_checkpoint
-from locakd.training.image_config import ImageExperimentConfig
-from locakd.training.image_trainer import CHECKPOINT_FORMAT, distill, train_teacher
-from locakd.training.run_dir import read_metrics
+from locakd.image.config import ImageExperimentConfig
+from locakd.image.trainer import CHECKPOINT_FORMAT, distill, train_teacher
 
 VOLATILE = {"time", "epoch_time_s", "wall_time_s", "run_dir"}
 
@@ -35,7 +35,7 @@ def test_teacher_run_writes_everything(teacher_run):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "best.pt", "last.pt"):
         assert (teacher_run / name).is_file(), name
     summary = _summary(teacher_run)
-    assert summary["mode"] == "train-teacher" and summary["teacher_top1"] is None
+    assert summary["command"] == "train-teacher" and summary["teacher_top1"] is None
     assert summary["misinstruction_rate"] is None
     assert summary["best_top1"] >= summary["last_top1"] and summary["last_epoch"] == 3
     ckpt = load_checkpoint(teacher_run / "last.pt")
