@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from locakd.errors import ConfigError, DataError, InputError
+from locakd.lm.fixtures import ENDOFTEXT, train_bpe_tokenizer
 from locakd.lm.models import (
     FrozenTeacher,
     check_vocab,
@@ -19,7 +20,6 @@ from locakd.lm.models import (
     resolve_dtype,
     tiny_gpt2_config,
 )
-from locakd.lm.tokenizer import ENDOFTEXT, train_bpe_tokenizer
 
 
 def _tiny(vocab, seed=0, **kw):
