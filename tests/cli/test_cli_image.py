@@ -116,6 +116,12 @@ def test_resume_without_checkpoint(tmp_path, cli_mnist_root, capsys):
     _one_line_error(capsys, "cannot resume")
 
 
+def test_sync_batchnorm_on_the_cpu_is_a_one_line_error(tmp_path, cli_mnist_root, capsys):
+    cfg = write_config(tmp_path / "c.yaml", cli_mnist_root, tmp_path / "run", student={"name": "mnist1d_cnn_8"})
+    assert main(["train-teacher", str(cfg), "run.sync_batchnorm=true"]) == 2
+    _one_line_error(capsys, "config key 'run.sync_batchnorm' needs CUDA devices")
+
+
 def test_missing_config_file_and_wrong_mode(tmp_path, cli_mnist_root, capsys):
     assert main(["distill", str(tmp_path / "nope.yaml")]) == 2
     _one_line_error(capsys, "config file not found")

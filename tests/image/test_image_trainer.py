@@ -263,6 +263,13 @@ def test_model_that_does_not_fit_the_data(tmp_path, mnist_root):
         train_teacher(cfg)
 
 
+def test_sync_batchnorm_off_cuda_is_a_config_error_naming_the_key(tmp_path, mnist_root):
+    cfg = tiny_config(mnist_root, tmp_path / "r", student="mnist1d_cnn_8", run={"sync_batchnorm": True})
+    with pytest.raises(ConfigError, match="config key 'run.sync_batchnorm' needs CUDA devices"):
+        train_teacher(cfg)
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
 def test_float16_on_cpu_is_refused(tmp_path, mnist_root):
     cfg = tiny_config(mnist_root, tmp_path / "r", run={"precision": "float16"})
     with pytest.raises(ConfigError, match="float16 needs a GPU"):
