@@ -315,7 +315,9 @@ class _LMRun:
         self.best: dict[str, Any] = {"metric": self.select_by, "value": None, "step": None, "loss": None}
         self.teacher_mis: dict[str, Any] | None = None
         self.tokens_trained = 0.0
+        self.last_train: dict[str, float] = {}
         self.last_valid: dict[str, float] = {}
+        self.window = {"ce": 0.0, "kd": 0.0, "n": 0.0}  # sums since the last logged training row
         if run.checkpoint is not None:
             self._restore(run.checkpoint)
 
@@ -335,6 +337,9 @@ class _LMRun:
         self.best = dict(state["best"])
         self.teacher_mis = state.get("teacher_misinstruction")
         self.tokens_trained = float(state.get("tokens_trained", 0.0))
+        self.last_train = dict(state.get("last_train") or {})
+        self.last_valid = dict(state.get("last_valid") or {})
+        self.window = dict(state.get("log_window") or self.window)
 
     def _state(self) -> dict[str, Any]:
         """What ``last.pt`` holds besides the engine's entries (format, RNG, config, wall time)."""
@@ -352,6 +357,9 @@ class _LMRun:
             "best": self.best,
             "teacher_misinstruction": self.teacher_mis,
             "tokens_trained": self.tokens_trained,
+            "last_train": self.last_train,
+            "last_valid": self.last_valid,
+            "log_window": dict(self.window),
         }
 
     # ------------------------------------------------------------------ loop
@@ -381,10 +389,9 @@ class _LMRun:
         )
 
         session_steps = 0
-        last_train: dict[str, float] = {}
         order: list[int] | None = None
         order_epoch = -1
-        window = {"ce": 0.0, "kd": 0.0, "n": 0.0, "t": time.time()}
+        window, window_started = self.window, time.time()
         stopped_early = False
         scaler = self.scaler
         self.optimizer.zero_grad(set_to_none=True)
@@ -421,10 +428,11 @@ class _LMRun:
                 now = time.time()
                 agg = StepStats(window["ce"], window["kd"], window["n"]).means(self.objective.kd_ratio,
                                                                                spec.uses_teacher)
-                last_train = {**agg, "lr": lr, "grad_norm": grad_norm, "epoch": step / self.steps_per_epoch,
-                              "tokens_per_s": window["n"] / max(now - window["t"], 1e-9)}
-                logger.log(step, last_train, tag="train")
-                window = {"ce": 0.0, "kd": 0.0, "n": 0.0, "t": now}
+                self.last_train = {**agg, "lr": lr, "grad_norm": grad_norm, "epoch": step / self.steps_per_epoch,
+                                   "tokens_per_s": window["n"] / max(now - window_started, 1e-9)}
+                logger.log(step, self.last_train, tag="train")
+                window.update(ce=0.0, kd=0.0, n=0.0)
+                window_started = now
             end_of_epoch = step % self.steps_per_epoch == 0
             eval_every = config.run.eval_every
             do_eval = self.valid_ds is not None and (
@@ -467,7 +475,7 @@ class _LMRun:
             "teacher_params": param_count(self.teacher) if self.teacher is not None else None,
             "teacher_misinstruction": self.teacher_mis,
             "tokens_trained": self.tokens_trained,
-            "last_train": last_train,
+            "last_train": self.last_train,
             "last_valid": self.last_valid,
             "best": {**self.best, "path": str(run.out_dir / "best") if self.best["step"] is not None else None},
             "final_model": final_model,
