@@ -14,7 +14,7 @@ from locakd.config import from_dict, to_dict
 from locakd.distiller import METHODS
 from locakd.engine.io import load_checkpoint
 from locakd.engine.logging import read_metrics
-from locakd.errors import CheckpointError, ConfigError, DataError
+from locakd.errors import CheckpointError, ConfigError, DataError, LocakdError, NonFiniteLossError
 from locakd.image.config import ImageExperimentConfig
 from locakd.image.trainer import CHECKPOINT_FORMAT, distill, train_teacher
 
@@ -268,6 +268,13 @@ def test_sync_batchnorm_off_cuda_is_a_config_error_naming_the_key(tmp_path, mnis
     with pytest.raises(ConfigError, match="config key 'run.sync_batchnorm' needs CUDA devices"):
         train_teacher(cfg)
     assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_a_non_finite_loss_names_the_term_and_the_step(tmp_path, mnist_root):
+    cfg = tiny_config(mnist_root, tmp_path / "r", optim={"lr": 1e30, "milestones": [2]})
+    with pytest.raises(NonFiniteLossError, match=r"term 'ce' became (nan|inf) at step 2 of epoch 1") as info:
+        train_teacher(cfg)
+    assert isinstance(info.value, LocakdError) and not (tmp_path / "r" / "last.pt").exists()
 
 
 def test_float16_on_cpu_is_refused(tmp_path, mnist_root):

@@ -14,6 +14,8 @@ from locakd.lm.models import FrozenTeacher, create_causal_lm, tiny_gpt2_config
 from locakd.lm.trainer import accumulate_gradients, step_micro_batches
 from locakd.losses.objectives import LMObjective
 
+EPS32 = torch.finfo(torch.float32).eps
+
 
 @pytest.fixture(scope="module")
 def pieces(lm_env):
@@ -51,13 +53,18 @@ def test_accumulated_equals_one_big_batch(pieces, method):
     student.zero_grad(set_to_none=True)
 
     assert stats_acc.n_tokens == stats_big.n_tokens == sum(counts)
+    n = stats_big.n_tokens
     means_acc = stats_acc.means(0.5, method != "sft")
     means_big = stats_big.means(0.5, method != "sft")
     for key in means_big:
-        assert math.isclose(means_acc[key], means_big[key], rel_tol=1e-5), (key, means_acc, means_big)
+        # means of n positive float32 per-token terms summed in other groupings: ulps x sqrt(n)
+        assert math.isclose(means_acc[key], means_big[key], rel_tol=4 * EPS32 * math.sqrt(n)), (key, means_acc)
     assert grads_acc.keys() == grads_big.keys() and grads_big
     for name in grads_big:
-        torch.testing.assert_close(grads_acc[name], grads_big[name], rtol=1e-4, atol=1e-6, msg=name)
+        # each gradient is a sum over the n tokens' contributions, grouped differently: a few ulps
+        # x sqrt(n) of the tensor's gradient scale
+        tol = 8 * EPS32 * math.sqrt(n) * float(grads_big[name].abs().max())
+        torch.testing.assert_close(grads_acc[name], grads_big[name], rtol=0, atol=tol, msg=name)
     assert all(p.grad is None for p in teacher.parameters())
 
 
