@@ -53,7 +53,7 @@ def test_kill_inside_a_checkpoint_write_keeps_the_old_file_and_leaves_a_temp_fil
     (tmp_path / "notes.tmp").write_text("the user's")  # not ours: never touched
     (tmp_path / ".hidden").write_text("the user's")
     assert clean_stale_files(tmp_path) == leftovers
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "last.pt", "notes.tmp", "paused"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".hidden", "last.pt", "notes.tmp", "paused", "paused.writes"]
     assert clean_stale_files(tmp_path) == []
 
 

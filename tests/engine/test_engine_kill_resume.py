@@ -55,8 +55,7 @@ def _run_with_kills(tmp_path: Path, command: list[str], run_dir: Path, plans: li
         resume = (run_dir / "last.pt").is_file()
         args = [sys.executable, "-m", "locakd.cli.main", *command, *(["--resume"] if resume else [])]
         env = _one_thread_env()
-        marker = tmp_path / "paused"
-        marker.unlink(missing_ok=True)
+        marker = tmp_path / f"paused{len(history)}"
         if plan is not None and plan[0] == "write":
             env.update({PAUSE_IN_WRITE_ENV: plan[1], PAUSE_MARKER_ENV: str(marker)})
         log = (tmp_path / f"session{len(history)}.log").open("w")

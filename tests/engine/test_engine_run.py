@@ -98,7 +98,7 @@ def test_finite_watch_reports_the_first_bad_step_without_syncing_each_step():
     watch = FiniteWatch(["ce", "kd"])
     for step in range(5):
         watch.update(step, ce=torch.tensor(1.0), kd=torch.tensor(float("inf") if step >= 3 else 0.5))
-    watch.update(5, ce=torch.tensor(float("nan")))
+    watch.update(5, ce=torch.tensor(float("nan")), kd=torch.tensor(0.0))
     with pytest.raises(NonFiniteLossError, match="term 'kd' became inf at step 3 of epoch 2"):
         watch.check(lambda step: f"step {step} of epoch 2")
     FiniteWatch(["ce"]).check(lambda step: "never")

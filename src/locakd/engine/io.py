@@ -41,12 +41,12 @@ __all__ = [
     "save_config",
 ]
 
-# Test hook: "NAME:K" pauses (sleeps) inside the K-th atomic write of a file or folder called NAME in
-# this process, after the data is in the temporary file and before the rename, so a test can kill the
-# process at exactly that point. The file named by PAUSE_MARKER_ENV is created when the pause begins.
+# Test hook: "NAME:K" pauses (sleeps) inside the K-th atomic write of a file or folder called NAME,
+# after the data is in the temporary file and before the rename, so a test can kill the process at
+# exactly that point. PAUSE_MARKER_ENV names a file the hook creates when the pause begins; the writes
+# of NAME are counted in "<marker>.writes" (the test's file, so no state lives in this module).
 PAUSE_IN_WRITE_ENV = "LOCAKD_TEST_PAUSE_IN_WRITE"
 PAUSE_MARKER_ENV = "LOCAKD_TEST_PAUSE_MARKER"
-_writes_seen: dict[str, int] = {}
 
 # mkstemp/mkdtemp names: prefix ".<name>.", 8 characters of [a-z0-9_], suffix ".tmp"
 _TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.tmp$")
@@ -54,18 +54,18 @@ _OLD_NAME = re.compile(r"^\.(?P<target>.+)\.old$")
 
 
 def _maybe_pause(name: str) -> None:
-    spec = os.environ.get(PAUSE_IN_WRITE_ENV)
-    if not spec:
+    spec, marker = os.environ.get(PAUSE_IN_WRITE_ENV), os.environ.get(PAUSE_MARKER_ENV)
+    if not spec or not marker:
         return
     target, _, count = spec.rpartition(":")
     if target != name:
         return
-    _writes_seen[name] = _writes_seen.get(name, 0) + 1
-    if _writes_seen[name] != int(count):
+    counter = Path(f"{marker}.writes")
+    with counter.open("a") as handle:
+        handle.write(f"{name}\n")
+    if len(counter.read_text().splitlines()) != int(count):
         return
-    marker = os.environ.get(PAUSE_MARKER_ENV)
-    if marker:
-        Path(marker).write_text(name)
+    Path(marker).write_text(name)
     time.sleep(3600)
 
 

@@ -253,13 +253,11 @@ class FiniteWatch:
         self.values = torch.zeros(len(self.terms), dtype=torch.float64, device=device)
 
     def update(self, step: int, **values: torch.Tensor) -> None:
-        for i, name in enumerate(self.terms):
-            if name not in values:
-                continue
-            value = values[name].detach().double()
-            new = (~torch.isfinite(value)) & (self.first[i] == self._NONE)
-            self.first[i] = torch.where(new, step, self.first[i])
-            self.values[i] = torch.where(new, value, self.values[i])
+        """Record this step's value of every term (each a scalar tensor; all terms every step)."""
+        current = torch.stack([values[name].detach().double().reshape(()) for name in self.terms])
+        new = ~torch.isfinite(current) & (self.first == self._NONE)
+        self.first = torch.where(new, step, self.first)
+        self.values = torch.where(new, current, self.values)
 
     def check(self, describe: Callable[[int], str]) -> None:
         first = all_reduce(self.first.clone(), "min").tolist()

@@ -370,7 +370,7 @@ class _ImageRun:
         lr = float(optimizer.param_groups[0]["lr"])
         # sums: ce, kd, total loss (x batch size), correct, samples, mis-instructed
         sums = torch.zeros(6, dtype=torch.float64, device=device)
-        watch = FiniteWatch(["ce", "kd"], device)
+        watch = FiniteWatch(["ce"] if cfg.method.name == "ce" else ["ce", "kd"], device)
         fail_step = self._fail_step()
         t0 = time.time()
         bar = self._progress(loader, desc=f"epoch {epoch + 1}/{cfg.run.epochs}", total=len(loader))
