@@ -5,7 +5,7 @@ project's image trainer (:func:`~locakd.training.image_trainer.train_teacher` an
 :func:`~locakd.training.image_trainer.distill`); this module only builds the configs,
 runs them (two worker processes by default), and reports.
 
-The regime (:data:`DEMO_SETTING`, see :mod:`locakd.benchmarks.mnist1d`) comes from the
+The regime (:data:`DEMO_SETTING`, see :mod:`locakd.experiments.mnist1d`) comes from the
 MNIST-1D benchmark suite (``BENCHMARKS_mnist1d.md``): a small CNN teacher (``cnn_8``, ~74 %
 test accuracy) teaching an MLP student (``mlp_128``, ~70 % alone) on noisy inputs. There
 distillation beats cross-entropy by 3-4 points, and the teacher is wrong on about a quarter
@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .benchmarks.mnist1d import Mnist1dSetting, model_name, short_model
-from .benchmarks.runner import RunResult, run_specs
-from .benchmarks.stats import mean_std, paired_ci
 from .distiller import METHODS
 from .errors import ConfigError, LocakdError
+from .experiments.mnist1d import Mnist1dSetting, model_name, short_model
+from .experiments.runner import RunResult, run_specs
+from .experiments.stats import mean_std, paired_ci
 
 __all__ = [
     "DEMO_METHODS",
@@ -332,7 +332,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     plotted = [m for m in opts.methods if methods[m]["n"] > 0]
     if plotted:
-        from .benchmarks.plots import accuracy_bar_chart
+        from .experiments.plots import accuracy_bar_chart
 
         accuracy_bar_chart(
             out / CHART_NAME,

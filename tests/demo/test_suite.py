@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-from locakd.benchmarks.mnist1d import Mnist1dSetting
 from locakd.benchmarks.mnist1d_suite import build_parser, build_plan, run_suite
-from locakd.benchmarks.runner import RunSpec, run_specs
 from locakd.errors import ConfigError
+from locakd.experiments.mnist1d import Mnist1dSetting
+from locakd.experiments.runner import RunSpec, run_specs
 
 TINY = Mnist1dSetting(samples=200, epochs=2, teacher_epochs=2, dkd_warmup=1)
 

@@ -40,9 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, LocakdError
-from .mnist1d import Mnist1dSetting, model_name, short_model
-from .runner import RunResult, RunSpec, run_specs
-from .stats import mean_std, paired_ci
+from ..experiments.mnist1d import Mnist1dSetting, model_name, short_model
+from ..experiments.runner import RunResult, RunSpec, run_specs
+from ..experiments.stats import mean_std, paired_ci
 
 __all__ = [
     "MAIN_SETTING",
@@ -582,7 +582,7 @@ def format_tables(agg: dict[str, Any], n_seeds: int) -> str:
 
 
 def _plots(plan: SuitePlan, agg: dict[str, Any]) -> dict[str, str]:
-    from .plots import accuracy_bar_chart, alpha_sweep_plot
+    from ..experiments.plots import accuracy_bar_chart, alpha_sweep_plot
 
     made: dict[str, str] = {}
     for p, e in agg.get("pairs", {}).items():
@@ -628,7 +628,7 @@ def run_suite(
 ) -> dict[str, Any]:
     """Run (or, with ``train=False``, only read) every run of ``plan``; write results.json, tables.md, plots."""
     from ..demo import _cpu_seconds, machine_info
-    from .runner import _read_summary
+    from ..experiments.runner import _read_summary
 
     plan.out.mkdir(parents=True, exist_ok=True)
     info = machine_info()

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from locakd.benchmarks.stats import paired_ci, t_quantile
+from locakd.experiments.stats import paired_ci, t_quantile
 
 
 def test_paired_ci_hand_computed():
