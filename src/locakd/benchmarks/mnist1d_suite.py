@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -40,9 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, LocakdError
-from ..experiments.mnist1d import Mnist1dSetting, model_name, short_model
-from ..experiments.runner import RunResult, RunSpec, run_specs
-from ..experiments.stats import mean_std, paired_ci
+from ..experiments.machine import cpu_seconds, load_average, machine_info
+from ..experiments.mnist1d import DEFAULT_SETTING, QUICK_SETTING, Mnist1dSetting, model_name, short_model
+from ..experiments.runner import RunResult, RunSpec, default_workers, finished_results, run_specs
+from ..experiments.stats import mean_std, paired_by_seed
 
 __all__ = [
     "MAIN_SETTING",
@@ -97,8 +97,7 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("skip", "skip"),
 )
 SWEEP_ALPHAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-MAIN_SETTING = Mnist1dSetting()
-QUICK_SETTING = Mnist1dSetting(samples=600, epochs=3, teacher_epochs=3, dkd_warmup=1)
+MAIN_SETTING = DEFAULT_SETTING
 GRID_SEED_BASE = 100
 # Paired comparisons reported per pair: (a, b) means "a - b".
 COMPARISONS = (
@@ -339,10 +338,7 @@ def build_plan(
 
 def _metric(results: dict[str, RunResult], key: str, metric: str) -> float | None:
     r = results.get(key)
-    if r is None or not r.ok or r.summary is None:
-        return None
-    value = r.summary.get(metric)
-    return None if value is None else float(value)
+    return None if r is None else r.metric(metric)
 
 
 def _stats(results, keys: dict[int, str], metric: str) -> dict[str, Any]:
@@ -355,12 +351,7 @@ def _stats(results, keys: dict[int, str], metric: str) -> dict[str, Any]:
 def _paired(results, a: dict[int, str], b: dict[int, str], metric: str) -> dict[str, Any] | None:
     va = {s: _metric(results, k, metric) for s, k in a.items()}
     vb = {s: _metric(results, k, metric) for s, k in b.items()}
-    common = sorted(s for s in set(va) & set(vb) if va[s] is not None and vb[s] is not None)
-    if not common:
-        return None
-    ci = paired_ci([va[s] for s in common], [vb[s] for s in common])
-    ci["seeds"] = common
-    return ci
+    return paired_by_seed(va, vb)
 
 
 def _teacher_info(results, teacher_key: str, student_runs: list[str]) -> dict[str, Any]:
@@ -627,22 +618,15 @@ def run_suite(
     argv: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or, with ``train=False``, only read) every run of ``plan``; write results.json, tables.md, plots."""
-    from ..demo import _cpu_seconds, machine_info
-    from ..experiments.runner import _read_summary
-
     plan.out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    t0, cpu0 = time.time(), _cpu_seconds()
+    t0, cpu0 = time.time(), cpu_seconds()
     specs = list(plan.specs.values())
     if train:
         results = run_specs(specs, workers=workers, progress=progress, desc="mnist1d suite")
     else:
-        results = {}
-        for s in specs:
-            summary = _read_summary(s)
-            if summary is not None:
-                results[s.key] = RunResult(s.key, "skipped", summary, 0.0, meta=s.meta)
-    wall, cpu = time.time() - t0, _cpu_seconds() - cpu0
+        results = finished_results(specs)
+    wall, cpu = time.time() - t0, cpu_seconds() - cpu0
     agg = aggregate(plan, results)
     statuses: dict[str, int] = {}
     for r in results.values():
@@ -666,7 +650,7 @@ def run_suite(
         "sum_of_run_wall_times_s": train_time,
         "workers": workers,
         "machine": info,
-        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_end": load_average(),
         **agg,
     }
     report["report_only"] = not train
@@ -837,12 +821,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grid_seeds=grid_seeds,
             device=args.device,
         )
-        workers = args.workers
-        if workers is None:
-            try:
-                workers = max(1, min(2, len(os.sched_getaffinity(0))))
-            except AttributeError:  # pragma: no cover
-                workers = max(1, min(2, os.cpu_count() or 1))
+        workers = args.workers if args.workers is not None else default_workers()
         print(
             f"MNIST-1D suite: {len(plan.specs)} runs ({len(plan.main)} pairs x {len(plan.seeds)} seeds"
             f"{', alpha sweep' if plan.sweep else ''}{', KD-regime grid' if plan.grid else ''}), "

@@ -28,13 +28,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..distiller import DKD_METHODS, METHODS
+from ..distiller import DKD_METHODS, KD_METHODS, LOCA_METHODS, METHODS
 from ..errors import ConfigError
 from .runner import RunSpec
 
-__all__ = ["KD_FAMILY", "Mnist1dSetting", "model_name", "relevant_fields", "short_model"]
+__all__ = [
+    "DEFAULT_SETTING",
+    "DKD_FAMILY",
+    "KD_FAMILY",
+    "QUICK_SETTING",
+    "Mnist1dSetting",
+    "mnist1d_models",
+    "model_name",
+    "relevant_fields",
+    "short_model",
+    "uncalibrated_method",
+]
 
-KD_FAMILY = ("kd", "kd+loca", "ka_shift", "ka_smooth", "skip")
+# The two method families, as the Distiller defines them: the KD family shares the CE / KD
+# weights (and differs in the teacher target), the DKD family has its own loss weights.
+KD_FAMILY: tuple[str, ...] = KD_METHODS
+DKD_FAMILY: tuple[str, ...] = DKD_METHODS
+_LOCA_SUFFIX = "+loca"
+
+
+def uncalibrated_method(method: str) -> str:
+    """The method a LoCa method calibrates, in the same family (``kd+loca`` -> ``kd``); others: itself."""
+    if method not in LOCA_METHODS:
+        return method
+    base = method.removesuffix(_LOCA_SUFFIX)
+    family = KD_FAMILY if method in KD_FAMILY else DKD_FAMILY
+    if base == method or base not in family:
+        raise ConfigError(f"LoCa method {method!r} has no uncalibrated counterpart in its family {family}")
+    return base
 
 
 def model_name(short: str) -> str:
@@ -43,7 +69,19 @@ def model_name(short: str) -> str:
 
 
 def short_model(name: str) -> str:
+    """``mnist1d_cnn_64`` -> ``cnn_64`` (other names pass through)."""
     return name[len("mnist1d_") :] if name.startswith("mnist1d_") else name
+
+
+def mnist1d_models() -> list[str]:
+    """Short names of the MNIST-1D models in the model registry, by family then width (``cnn_8``, ...)."""
+    from ..models import available
+
+    def order(short: str) -> tuple[str, int, str]:
+        family, _, width = short.rpartition("_")
+        return (family, int(width), short) if width.isdigit() else (short, 0, short)
+
+    return sorted((short_model(m) for m in available() if m.startswith("mnist1d_")), key=order)
 
 
 _DATA_FIELDS = ("samples", "train_split", "noise_std", "data_seed", "batch_size", "lr", "weight_decay")
@@ -56,7 +94,7 @@ def relevant_fields(method: str | None) -> tuple[str, ...]:
     if method == "ce":
         return (*_DATA_FIELDS, "epochs")
     base = (*_DATA_FIELDS, "epochs", "teacher_epochs", "temperature")
-    if method in DKD_METHODS:
+    if method in DKD_FAMILY:
         return (*base, "dkd_alpha", "dkd_beta", "dkd_warmup")
     return (*base, "ce_weight", "kd_weight") + (("smoothing",) if method == "ka_smooth" else ())
 
@@ -173,7 +211,7 @@ class Mnist1dSetting:
             f"method.temperature={self.temperature}",
         ]
         alpha = self.loca_alpha if loca_alpha is None else loca_alpha
-        if method in DKD_METHODS:
+        if method in DKD_FAMILY:
             ov += [
                 "method.ce_weight=1.0",
                 "method.kd_weight=1.0",
@@ -185,7 +223,7 @@ class Mnist1dSetting:
             ov += [f"method.ce_weight={self.ce_weight}", f"method.kd_weight={self.kd_weight}"]
             if method == "ka_smooth":
                 ov.append(f"method.smoothing={self.smoothing}")
-        if method in ("kd+loca", "dkd+loca"):
+        if method in LOCA_METHODS:
             ov.append(f"method.loca_alpha={alpha}")
         return ov
 
@@ -234,7 +272,7 @@ class Mnist1dSetting:
         info = dict(
             meta or {}, role="student", model=short_model(model_name(student)), method=method, seed=seed
         )
-        if method in ("kd+loca", "dkd+loca"):
+        if method in LOCA_METHODS:
             info["loca_alpha"] = alpha
         return RunSpec(
             key,
@@ -254,3 +292,9 @@ class Mnist1dSetting:
             f"KD {_fmt(self.kd_weight)}; LoCa alpha {_fmt(self.loca_alpha)}; DKD beta {_fmt(self.dkd_beta)}, "
             f"warm-up {self.dkd_warmup}"
         )
+
+
+# The regime of the demo and of the suite's main comparison (see the module doc).
+DEFAULT_SETTING = Mnist1dSetting()
+# A smoke-test version: a few hundred samples and a few epochs (the numbers mean nothing).
+QUICK_SETTING = Mnist1dSetting(samples=600, epochs=3, teacher_epochs=3, dkd_warmup=1)

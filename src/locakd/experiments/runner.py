@@ -34,11 +34,20 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError
+from .machine import available_cores
 
-__all__ = ["MODES", "RunResult", "RunSpec", "check_same_experiment", "execute_spec", "run_specs"]
+__all__ = [
+    "MODES",
+    "RunResult",
+    "RunSpec",
+    "check_same_experiment",
+    "default_workers",
+    "execute_spec",
+    "finished_results",
+    "run_specs",
+]
 
 MODES = ("train-teacher", "distill")
-
 
 
 @dataclass
@@ -80,8 +89,20 @@ class RunSpec:
 
 @dataclass
 class RunResult:
+    """What became of one :class:`RunSpec`.
+
+    Attributes:
+        key: the spec's key.
+        status: ``"ran"``, ``"resumed"`` (continued from ``last.pt``), ``"skipped"`` (its folder
+            already held a finished run) or ``"failed"``.
+        summary: the run's ``summary.json`` (``None`` when it failed).
+        wall_s: seconds this call spent on it (0 for a skipped run).
+        error: one line saying why it failed, with the path of its ``train.log``.
+        meta: the spec's labels.
+    """
+
     key: str
-    status: str  # "ran" | "resumed" | "skipped" | "failed"
+    status: str
     summary: dict[str, Any] | None
     wall_s: float
     error: str | None = None
@@ -90,6 +111,13 @@ class RunResult:
     @property
     def ok(self) -> bool:
         return self.status != "failed"
+
+    def metric(self, name: str) -> float | None:
+        """``summary[name]`` as a float; ``None`` for a failed run or a summary without it."""
+        if not self.ok or self.summary is None:
+            return None
+        value = self.summary.get(name)
+        return None if value is None else float(value)
 
 
 def check_same_experiment(spec: RunSpec) -> None:
@@ -124,6 +152,25 @@ def _read_summary(spec: RunSpec) -> dict[str, Any] | None:
         return None
     check_same_experiment(spec)
     return json.loads(spec.summary_path.read_text())
+
+
+def finished_results(specs: Iterable[RunSpec]) -> dict[str, RunResult]:
+    """``{key: RunResult}`` (status ``"skipped"``) of the specs whose run folder holds a finished run.
+
+    Trains nothing; like :func:`run_specs`, a folder holding a different experiment is a
+    :class:`~locakd.errors.ConfigError`.
+    """
+    results = {}
+    for spec in specs:
+        summary = _read_summary(spec)
+        if summary is not None:
+            results[spec.key] = RunResult(spec.key, "skipped", summary, 0.0, meta=spec.meta)
+    return results
+
+
+def default_workers(limit: int = 2) -> int:
+    """Worker processes to use by default: the available cores, at most ``limit``, at least 1."""
+    return max(1, min(limit, available_cores()))
 
 
 def execute_spec(spec: RunSpec) -> RunResult:
@@ -220,10 +267,8 @@ def run_specs(
             on_result(res)
 
     # Finished runs are read here, without a worker.
-    for s in specs:
-        summary = _read_summary(s)
-        if summary is not None:
-            record(RunResult(s.key, "skipped", summary, 0.0, meta=s.meta))
+    for res in finished_results(specs).values():
+        record(res)
 
     def ready(s: RunSpec) -> bool | None:
         """True: can start; False: wait; None: its dependency failed."""

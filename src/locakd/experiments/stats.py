@@ -3,19 +3,20 @@
 ``paired_ci(a, b)`` compares two methods run with the same seeds (same initial weights
 and data order): it takes the per-seed differences ``d_i = a_i - b_i`` and returns their
 mean and the two-sided t interval ``mean +- t_{1-(1-c)/2, n-1} * sd / sqrt(n)`` (sd with
-n - 1 in the denominator). The t quantiles are tabulated (95 % and 90 %, df 1..30, exact to
+n - 1 in the denominator); :func:`paired_by_seed` does the pairing from ``{seed: value}``
+maps. The t quantiles are tabulated (95 % and 90 %, df 1..30, exact to
 4 decimals) so that no scipy is needed; other levels or df > 30 use scipy when installed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..evaluation.summarize import mean_std
 
-__all__ = ["mean_std", "paired_ci", "t_quantile"]
+__all__ = ["mean_std", "paired_by_seed", "paired_ci", "t_quantile"]
 
 # Two-sided critical values t_{1 - (1 - c)/2, df}, df = 1..30.
 # fmt: off
@@ -83,3 +84,18 @@ def paired_ci(a: Sequence[float], b: Sequence[float], confidence: float = 0.95) 
         "wins": sum(d > 0 for d in diffs),
         "diffs": diffs,
     }
+
+
+def paired_by_seed(
+    a: Mapping[int, float | None], b: Mapping[int, float | None], confidence: float = 0.95
+) -> dict[str, Any] | None:
+    """:func:`paired_ci` of ``a`` and ``b`` over the seeds both have a value for (``None`` = no value).
+
+    The result also lists those ``seeds`` (ascending); ``None`` when the two share no seed.
+    """
+    seeds = sorted(s for s in set(a) & set(b) if a[s] is not None and b[s] is not None)
+    if not seeds:
+        return None
+    ci = paired_ci([a[s] for s in seeds], [b[s] for s in seeds], confidence)  # type: ignore[misc]
+    ci["seeds"] = seeds
+    return ci
