@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -30,12 +31,18 @@ from .errors import InputError
 
 __all__ = [
     "CalibrationTerms",
+    "LocaTarget",
+    "MisinstructedRows",
+    "apply_log_calibration",
     "calibration_terms",
     "loca_calibrate",
     "loca_calibrate_sparse",
     "loca_log_calibrate",
+    "loca_log_target",
     "misinstruction_mask",
     "misinstruction_rate",
+    "misinstruction_rows",
+    "scale_terms",
 ]
 
 
@@ -52,11 +59,7 @@ def misinstruction_mask(
         check_logits("teacher_logits", teacher_logits)
         check_labels(labels, teacher_logits, ignore_index)
     with torch.no_grad():
-        logits = teacher_logits.detach()
-        valid = labels != ignore_index
-        safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-        label_logit = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-        return valid & (label_logit < logits.amax(dim=-1))
+        return misinstruction_rows(teacher_logits.detach(), labels, ignore_index).mask
 
 
 def misinstruction_rate(
@@ -84,6 +87,59 @@ class CalibrationTerms:
     safe_labels: torch.Tensor
 
 
+class MisinstructedRows(NamedTuple):
+    """What :func:`misinstruction_rows` finds, per row (shape ``labels.shape``)."""
+
+    mask: torch.Tensor  # True where the teacher's top class is not the (valid) label
+    top_logit: torch.Tensor  # the largest logit of the row
+    label_logit: torch.Tensor  # the label's logit (of class 0 on ignored rows)
+    safe_labels: torch.Tensor  # the labels with ignored rows mapped to 0 (safe to gather with)
+
+
+def misinstruction_rows(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100
+) -> MisinstructedRows:
+    """The mis-instruction mask with the row quantities it is computed from (no validation).
+
+    Works on the raw (untempered) logits, so ties are exact and the answer does not depend on
+    any temperature. ``misinstruction_mask`` is its checked, public front; the losses use this
+    to reuse the top and label logits.
+    """
+    valid = labels != ignore_index
+    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
+    top_logit = logits.amax(dim=-1)  # amax: much faster than max-with-indices on the CPU
+    label_logit = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    return MisinstructedRows(valid & (label_logit < top_logit), top_logit, label_logit, safe_labels)
+
+
+def scale_terms(
+    log_p_gt: torch.Tensor,
+    log_p_top: torch.Tensor,
+    changed: torch.Tensor,
+    alpha: float,
+    *,
+    log_nontarget_mass: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The calibration formula on per-row quantities: ``(log s, log p_loca_gt, log(1 - p_gt))``.
+
+    ``log_p_gt`` is the teacher's log-probability of the label, ``log_p_top`` that of its top
+    non-target class (p_k) and ``changed`` the rows to calibrate; rows not changed get
+    ``log s = 0`` and keep ``log p_gt``. ``log_nontarget_mass`` (log(1 - p_gt)) may be passed
+    when known exactly; otherwise it is ``log1p(-p_gt)``, accurate on mis-instructed rows, where
+    p_gt < 1/2. Every LoCa in the package (dense, sparse top-k, the fused loss kernels) goes
+    through this one function.
+    """
+    if log_nontarget_mass is None:
+        log_nontarget_mass = torch.log1p(-log_p_gt.exp().clamp(max=0.5))
+    log_m = log_nontarget_mass
+    log_denominator = torch.logaddexp(log_m, log_p_top)  # log(1 - p_gt + p_k)
+    log_scale = math.log(alpha) - log_denominator
+    # p_loca_gt = 1 - s(1 - p_gt) = ((1 - alpha)(1 - p_gt) + p_k) / (1 - p_gt + p_k): no cancellation.
+    log_new_gt = torch.logaddexp(math.log1p(-alpha) + log_m, log_p_top) - log_denominator
+    zero = torch.zeros((), dtype=log_scale.dtype, device=log_scale.device)
+    return torch.where(changed, log_scale, zero), torch.where(changed, log_new_gt, log_p_gt), log_m
+
+
 def calibration_terms(
     log_probs: torch.Tensor,
     labels: torch.Tensor,
@@ -107,6 +163,7 @@ def calibration_terms(
     index = safe_labels.unsqueeze(-1)
     log_p_gt = log_probs.gather(-1, index).squeeze(-1)
 
+    log_m = None
     if calibrate_correct:
         # p_gt may be ~1 here, so 1 - p_gt must not be formed by subtraction.
         nontarget = log_probs.scatter(-1, index, -math.inf)
@@ -119,69 +176,71 @@ def calibration_terms(
         log_p_k = log_probs.amax(dim=-1) if log_p_top is None else log_p_top
         if changed is None:
             changed = valid & (log_p_gt < log_p_k)
-        # On mis-instructed rows p_gt < 1/2, so log1p(-p_gt) is accurate.
-        log_m = torch.log1p(-log_p_gt.exp().clamp(max=0.5))
-
-    log_denominator = torch.logaddexp(log_m, log_p_k)  # log(1 - p_gt + p_k)
-    log_scale = math.log(alpha) - log_denominator
-    # p_loca_gt = 1 - s(1 - p_gt) = ((1 - alpha)(1 - p_gt) + p_k) / (1 - p_gt + p_k): no cancellation.
-    log_new_gt = torch.logaddexp(math.log1p(-alpha) + log_m, log_p_k) - log_denominator
-
-    zero = torch.zeros((), dtype=log_probs.dtype, device=log_probs.device)
+    log_scale, log_new_gt, log_m = scale_terms(log_p_gt, log_p_k, changed, alpha, log_nontarget_mass=log_m)
     return CalibrationTerms(
-        log_scale=torch.where(changed, log_scale, zero),
-        log_target_prob=torch.where(changed, log_new_gt, log_p_gt),
+        log_scale=log_scale,
+        log_target_prob=log_new_gt,
         changed=changed,
         log_nontarget_mass=log_m,
         safe_labels=safe_labels,
     )
 
 
-def _mis_rows(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mis-instruction mask, top logit and label logit, from the raw (untempered) logits."""
-    valid = labels != ignore_index
-    safe_labels = torch.where(valid, labels, torch.zeros_like(labels))
-    top_logit = logits.amax(dim=-1)  # amax: much faster than max-with-indices on the CPU
-    label_logit = logits.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
-    return valid & (label_logit < top_logit), top_logit, label_logit
-
-
-def _apply_log(log_p: torch.Tensor, terms: CalibrationTerms) -> torch.Tensor:
-    """Calibrate ``log_p`` in place: + log s on every entry, then the new label entry."""
+def apply_log_calibration(log_p: torch.Tensor, terms: CalibrationTerms) -> torch.Tensor:
+    """Calibrate the normalised log-probs ``log_p`` in place: + log s on every entry, then the
+    new label entry. Returns ``log_p``."""
     log_p.add_(terms.log_scale.unsqueeze(-1))  # + 0 on unchanged rows: bit-exact
     log_p.scatter_(-1, terms.safe_labels.unsqueeze(-1), terms.log_target_prob.unsqueeze(-1))
     return log_p
 
 
-def _loca_log(
+class LocaTarget(NamedTuple):
+    """A calibrated teacher: its log-probabilities and the rows the calibration changed."""
+
+    log_probs: torch.Tensor
+    changed: torch.Tensor
+
+
+def loca_log_target(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor,
     alpha: float,
-    temperature: float,
-    ignore_index: int,
-    calibrate_correct: bool,
-    calibrate_before_temperature: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calibrated log-probs, changed-row mask); no validation, no autograd."""
-    logits = teacher_logits.detach().to(compute_dtype(teacher_logits))
-    calib_temperature = 1.0 if calibrate_before_temperature else temperature
-    log_p = torch.log_softmax(logits / calib_temperature, dim=-1)
-    if calibrate_correct:
-        terms = calibration_terms(log_p, labels, alpha, ignore_index=ignore_index, calibrate_correct=True)
-    else:
-        # The mask comes from the raw logits (T-invariant, exact ties); p_k from log_p.amax,
-        # which stays exact where (z_k - z_gt) / T would lose digits for huge logits.
-        changed, _, _ = _mis_rows(logits, labels, ignore_index)
-        terms = calibration_terms(log_p, labels, alpha, ignore_index=ignore_index, changed=changed)
-    calibrated = _apply_log(log_p, terms)
-    if calib_temperature == temperature:
-        return calibrated, terms.changed
-    # Ablation: temper after calibrating, p_loca^(1/T) renormalised; unchanged rows stay softmax(z/T).
-    tempered = torch.log_softmax(calibrated / temperature, dim=-1)
-    plain = torch.log_softmax(logits / temperature, dim=-1)
-    return torch.where(terms.changed.unsqueeze(-1), tempered, plain), terms.changed
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    calibrate_correct: bool = False,
+    calibrate_before_temperature: bool = False,
+) -> LocaTarget:
+    """Calibrated teacher log-probabilities and the changed-row mask, for the losses.
+
+    The unchecked core of :func:`loca_log_calibrate`: no validation (the caller has checked
+    the inputs, or chose not to) and no autograd; the result is float32 (float64 input stays
+    float64). Arguments as in :func:`loca_calibrate`.
+    """
+    with torch.no_grad():
+        logits = teacher_logits.detach().to(compute_dtype(teacher_logits))
+        calib_temperature = 1.0 if calibrate_before_temperature else temperature
+        log_p = torch.log_softmax(logits / calib_temperature, dim=-1)
+        if calibrate_correct:
+            terms = calibration_terms(log_p, labels, alpha, ignore_index=ignore_index, calibrate_correct=True)
+        else:
+            # The mask comes from the raw logits (T-invariant, exact ties); p_k from log_p.amax,
+            # which stays exact where (z_k - z_gt) / T would lose digits for huge logits.
+            changed = misinstruction_rows(logits, labels, ignore_index).mask
+            terms = calibration_terms(log_p, labels, alpha, ignore_index=ignore_index, changed=changed)
+        calibrated = apply_log_calibration(log_p, terms)
+        if calib_temperature == temperature:
+            return LocaTarget(calibrated, terms.changed)
+        # Ablation: temper after calibrating, p_loca^(1/T) renormalised; unchanged rows stay softmax(z/T).
+        tempered = torch.log_softmax(calibrated / temperature, dim=-1)
+        plain = torch.log_softmax(logits / temperature, dim=-1)
+        return LocaTarget(torch.where(terms.changed.unsqueeze(-1), tempered, plain), terms.changed)
+
+
+# The former private names, kept for one release for scripts outside the package that import
+# them (benchmarks/bench_overhead.py); the package itself uses only the public names above.
+_mis_rows = misinstruction_rows
+_apply_log = apply_log_calibration
+_loca_log = loca_log_target
 
 
 def _validate(teacher_logits, labels, alpha, temperature, ignore_index) -> tuple[float, float]:
@@ -209,11 +268,10 @@ def loca_log_calibrate(
     """
     if validate:
         alpha, temperature = _validate(teacher_logits, labels, alpha, temperature, ignore_index)
-    with torch.no_grad():
-        return _loca_log(
-            teacher_logits, labels, alpha, temperature, ignore_index,
-            calibrate_correct, calibrate_before_temperature,
-        )[0]
+    return loca_log_target(
+        teacher_logits, labels, alpha, temperature, ignore_index,
+        calibrate_correct, calibrate_before_temperature,
+    ).log_probs
 
 
 def loca_calibrate(
@@ -250,7 +308,7 @@ def loca_calibrate(
     if validate:
         alpha, temperature = _validate(teacher_logits, labels, alpha, temperature, ignore_index)
     with torch.no_grad():
-        log_target, changed = _loca_log(
+        log_target, changed = loca_log_target(
             teacher_logits, labels, alpha, temperature, ignore_index,
             calibrate_correct, calibrate_before_temperature,
         )
@@ -298,14 +356,9 @@ def loca_calibrate_sparse(
         dtype = compute_dtype(topk_log_probs)
         log_top = topk_log_probs.to(dtype)
         log_p_gt = label_log_probs.to(dtype)
-        valid = labels != ignore_index
-        log_p_k = log_top[..., 0]
-        changed = valid & (log_p_gt < log_p_k)
-        log_m = torch.log1p(-log_p_gt.exp().clamp(max=0.5))
-        log_denominator = torch.logaddexp(log_m, log_p_k)
-        log_scale = torch.where(changed, math.log(alpha) - log_denominator, torch.zeros_like(log_m))
-        log_new_gt = torch.logaddexp(math.log1p(-alpha) + log_m, log_p_k) - log_denominator
-        new_label = torch.where(changed, log_new_gt, log_p_gt)
+        log_p_k = log_top[..., 0]  # the teacher's top class: p_k on a mis-instructed row
+        changed = (labels != ignore_index) & (log_p_gt < log_p_k)
+        log_scale, new_label, _ = scale_terms(log_p_gt, log_p_k, changed, alpha)
         is_label = topk_indices == labels.unsqueeze(-1)
         calibrated = torch.where(is_label, new_label.unsqueeze(-1), log_top + log_scale.unsqueeze(-1))
         return calibrated, new_label, log_scale

@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .losses import dkd_loss, kd_loss
+from .losses import TRANSFORMS, dkd_loss, kd_loss
 from .teachers import FrozenTeacher
 
 __all__ = [
@@ -51,19 +51,19 @@ __all__ = [
     "MethodName",
 ]
 
-MethodName = Literal["ce", "kd", "kd+loca", "dkd", "dkd+loca", "ka_shift", "ka_smooth", "skip"]
-METHODS: tuple[str, ...] = get_args(MethodName)
-# KD-family methods and the teacher-target transform each one uses.
-_KD_TRANSFORMS = {
-    "kd": "none",
-    "kd+loca": "loca",
-    "ka_shift": "ka_shift",
-    "ka_smooth": "ka_smooth",
-    "skip": "skip",
+# Every method name comes from the target-transform registry (losses/targets.py): each
+# transform names its KD method and, for some, a DKD method. "ce" needs no teacher.
+_KD_TRANSFORMS: dict[str, str] = {entry.kd_method: name for name, entry in TRANSFORMS.items()}
+_DKD_TRANSFORMS: dict[str, str] = {
+    entry.dkd_method: name for name, entry in TRANSFORMS.items() if entry.dkd_method is not None
 }
 KD_METHODS: tuple[str, ...] = tuple(_KD_TRANSFORMS)
-DKD_METHODS: tuple[str, ...] = ("dkd", "dkd+loca")
-LOCA_METHODS: tuple[str, ...] = ("kd+loca", "dkd+loca")
+DKD_METHODS: tuple[str, ...] = tuple(_DKD_TRANSFORMS)
+METHODS: tuple[str, ...] = ("ce", *KD_METHODS, *DKD_METHODS)
+LOCA_METHODS: tuple[str, ...] = tuple(
+    method for method, name in {**_KD_TRANSFORMS, **_DKD_TRANSFORMS}.items() if name == "loca"
+)
+MethodName = Literal[METHODS]  # type: ignore[valid-type]  # built from the registry; get_args works
 
 
 @dataclass
@@ -119,8 +119,11 @@ class Distiller(nn.Module):
             raise ConfigError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
         if teacher is None and method != "ce":
             raise ConfigError(f"method {method!r} needs a teacher model")
-        if (calibrate_correct or calibrate_before_temperature) and method != "kd+loca":
-            raise ConfigError("calibrate_correct / calibrate_before_temperature apply to method kd+loca only")
+        if (calibrate_correct or calibrate_before_temperature) and _KD_TRANSFORMS.get(method) != "loca":
+            raise ConfigError(
+                "calibrate_correct / calibrate_before_temperature apply to method "
+                f"{TRANSFORMS['loca'].kd_method} only"
+            )
         self.student = student
         self.teacher = FrozenTeacher(teacher) if teacher is not None else None
         self.method = method
@@ -166,7 +169,8 @@ class Distiller(nn.Module):
         if self.method == "ce":
             return DistillOutput(student_logits, losses, teacher_logits)
         factor = self.kd_weight * self.kd_factor(epoch)
-        if self.method in DKD_METHODS:
+        if self.method in _DKD_TRANSFORMS:
+            transform = _DKD_TRANSFORMS[self.method]
             kd = dkd_loss(
                 student_logits,
                 teacher_logits,
@@ -174,7 +178,9 @@ class Distiller(nn.Module):
                 alpha=self.dkd_alpha,
                 beta=self.dkd_beta,
                 temperature=self.temperature,
-                loca_alpha=self.loca_alpha if self.method == "dkd+loca" else None,
+                loca_alpha=self.loca_alpha if transform == "loca" else None,
+                target_transform=transform,
+                smoothing=self.smoothing,
                 standardize=self.standardize,
                 validate=False,
             )

@@ -181,7 +181,9 @@ def teacher_target(
         swapped = torch.where(tmask, p_top, torch.where(top_mask, p_gt, p))
         return torch.where(mis.unsqueeze(-1), torch.log(swapped), log_p), None
     if transform == "ka_smooth":
-        smooth = (1 - smoothing) * tmask.double() + smoothing / num_classes
+        present = torch.isfinite(z)  # classes masked with -inf logits are not classes
+        count = present.sum(-1, keepdim=True).double()
+        smooth = (1 - smoothing) * tmask.double() + smoothing * present.double() / count
         return torch.where(mis.unsqueeze(-1), torch.log(smooth), log_p), None
     raise ValueError(transform)
 

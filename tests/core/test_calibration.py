@@ -8,7 +8,17 @@ import loca_reference as ref
 import numpy as np
 import pytest
 import torch
-from core_helpers import EPS32, IGNORE, alphas, cases, make_case, max_nontarget, prob_tol, seeds
+from core_helpers import (
+    EPS64,
+    IGNORE,
+    alphas,
+    cases,
+    make_case,
+    max_nontarget,
+    prob_tol,
+    rounding,
+    seeds,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,15 +35,18 @@ def _flat(case):
 
 
 def _log_tol(logits, temperature, values):
-    """Absolute tolerance on float32 log-probabilities (error grows with their magnitude)."""
-    zmax = float(logits.double().abs().max()) / temperature
+    """Absolute tolerance on float32 log-probabilities: the rounding of z / T - lse (ULPS ulps of
+    max|z / T| + log C) and of the calibration's own additions (ULPS ulps of max|log p_loca|)."""
+    zmax = float(logits.double().abs().max()) / temperature + math.log(logits.shape[-1])
     vmax = float(values.double().abs().nan_to_num(posinf=0, neginf=0).max())
-    return 4e-6 + 32 * EPS32 * (zmax + vmax)
+    return rounding(1.0 + zmax + vmax)
 
 
 # --------------------------------------------------------------------------- worked example
-@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-6), (torch.float64, 1e-12)])
-def test_worked_example(dtype, atol):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_worked_example(dtype):
+    # probabilities <= 1 from log-probs of size <= |log 0.0375| < 4: ULPS ulps of (1 + 4) in the dtype
+    atol = rounding(5.0, eps=torch.finfo(dtype).eps)
     p = torch.tensor([0.50, 0.30, 0.15, 0.05], dtype=torch.float64)
     logits = torch.log(p).to(dtype)
     expected = torch.tensor([0.375, 0.475, 0.1125, 0.0375], dtype=torch.float64)
@@ -51,14 +64,17 @@ def test_worked_example_reference_self_check():
     """The references themselves reproduce sigma = 1/1.2, s = 0.75 and the documented vector."""
     p = np.array([[0.50, 0.30, 0.15, 0.05]])
     expected = np.array([0.375, 0.475, 0.1125, 0.0375])
+    # float64 arithmetic on numbers <= 1: a few float64 ulps (2.2e-16) per value
     np.testing.assert_allclose(
-        ref.calibrate_rows_numpy(p, np.array([1]), np.array([True]), 0.9)[0], expected, atol=1e-15
+        ref.calibrate_rows_numpy(p, np.array([1]), np.array([True]), 0.9)[0], expected, atol=rounding(1.0, eps=EPS64)
     )
     logits = torch.log(torch.tensor(p))
     _, log_s, _, changed, _, _ = ref.loca_terms(logits, torch.tensor([1]), 0.9)
-    assert bool(changed[0]) and math.exp(float(log_s[0])) == pytest.approx(0.75, abs=1e-15)
+    # log-space float64 (log-probs <= 4 in size): ULPS float64 ulps of (1 + 4)
+    atol = rounding(5.0, eps=EPS64)
+    assert bool(changed[0]) and math.exp(float(log_s[0])) == pytest.approx(0.75, abs=atol)
     out = ref.loca_log_target(logits, torch.tensor([1]), 0.9).exp()[0].numpy()
-    np.testing.assert_allclose(out, expected, atol=1e-15)
+    np.testing.assert_allclose(out, expected, atol=atol)
 
 
 @SMALL
@@ -74,7 +90,11 @@ def test_reference_implementations_agree(case, calibrate_correct):
     vec = ref.loca_log_target(
         teacher, labels, case.alpha, case.temperature, calibrate_correct=calibrate_correct
     )
-    np.testing.assert_allclose(vec.exp().numpy(), loop, rtol=1e-9, atol=1e-12)
+    # both float64: the log-space one rounds log-probs of size <= max|z / T| + log C, the loop
+    # sums up to C probabilities; ULPS float64 ulps of each (rtol: the values' own rounding)
+    zmax = float(teacher.double().abs().max()) / case.temperature + math.log(case.num_classes)
+    atol = rounding(1.0 + zmax, eps=EPS64, terms=case.num_classes)
+    np.testing.assert_allclose(vec.exp().numpy(), loop, rtol=rounding(1.0, eps=EPS64), atol=atol)
 
 
 # --------------------------------------------------------------------------- against the reference
@@ -99,7 +119,9 @@ def test_float64_input_stays_float64_and_is_tight():
     out = loca_calibrate(teacher, case.labels, 0.9, 2.0)
     assert out.dtype == torch.float64
     expected = ref.loca_log_target(teacher, case.labels, 0.9, 2.0).exp()
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-14)
+    # the same float64 prob_tol model: ULPS float64 ulps of (1 + max|z / T| + log C)
+    zmax = float(teacher.abs().max()) / 2.0 + math.log(11)
+    torch.testing.assert_close(out, expected, rtol=rounding(1.0, eps=EPS64), atol=rounding(1.0 + zmax, eps=EPS64))
 
 
 # --------------------------------------------------------------------------- section 3 properties
@@ -229,6 +251,7 @@ def test_alpha_to_zero_gives_one_hot_label(case):
     alpha = 1e-6
     out = loca_calibrate(teacher, labels, alpha, case.temperature)[mis].double()
     one_hot = ref.target_mask(labels[mis], teacher.shape[-1]).double()
+    # p_loca is within alpha of the one-hot label (1 - p_loca_gt = s (1 - p_gt) < alpha), plus rounding
     torch.testing.assert_close(out, one_hot, rtol=0, atol=alpha + prob_tol(teacher, case.temperature))
 
 
@@ -245,12 +268,15 @@ def test_alpha_to_one_ties_label_with_former_top_class(case):
     gt = out.gather(-1, labels[mis].unsqueeze(-1)).squeeze(-1)
     former_top = out.gather(-1, top).squeeze(-1)
     tol = prob_tol(teacher, case.temperature)
-    assert float((gt - former_top).abs().max()) <= 1e-6 + tol
+    # the margin is 1 - alpha = 1e-6 exactly, plus the float32 rounding of both entries
+    assert float((gt - former_top).abs().max()) <= 1e-6 + 2 * tol
     # the limit alpha = 1 of the closed form: p_loca_gt = p_k / (1 - p_gt + p_k)
     p = ref.softmax64(teacher[mis], case.temperature)
     p_gt = p.gather(-1, labels[mis].unsqueeze(-1)).squeeze(-1)
     p_k = p.amax(-1)
-    torch.testing.assert_close(gt, p_k / (1 - p_gt + p_k), rtol=0, atol=2e-6 + tol)
+    # alpha = 1 - 1e-6 instead of the limit 1 moves p_loca_gt by < 1e-6 (d p_loca_gt / d alpha
+    # = -(1 - p_gt) / (1 - p_gt + p_k), at most 1 in size), plus the float32 rounding
+    torch.testing.assert_close(gt, p_k / (1 - p_gt + p_k), rtol=0, atol=1e-6 + tol)
 
 
 # --------------------------------------------------------------------------- no parameters, no gradient
@@ -303,9 +329,9 @@ def test_calibrate_correct_gives_margin_one_minus_alpha_on_every_valid_row(case,
 @given(case=cases())
 def test_calibrate_before_temperature(case):
     teacher, labels = case.teacher, case.labels
-    # identical to the default at T = 1
+    # identical to the default at T = 1: the same computation, bit for bit
     at_one = loca_calibrate(teacher, labels, case.alpha, 1.0, calibrate_before_temperature=True)
-    torch.testing.assert_close(at_one, loca_calibrate(teacher, labels, case.alpha, 1.0), rtol=0, atol=1e-7)
+    assert torch.equal(at_one, loca_calibrate(teacher, labels, case.alpha, 1.0))
     # p_loca ** (1 / T), renormalised, otherwise
     out = loca_calibrate(teacher, labels, case.alpha, case.temperature, calibrate_before_temperature=True)
     expected = ref.loca_log_target(
@@ -324,7 +350,9 @@ def test_calibrate_before_temperature_explicit():
     p = torch.tensor([[0.50, 0.30, 0.15, 0.05]], dtype=torch.float64)
     out = loca_calibrate(torch.log(p), torch.tensor([1]), 0.9, 2.0, calibrate_before_temperature=True)
     base = torch.tensor([0.375, 0.475, 0.1125, 0.0375], dtype=torch.float64) ** 0.5
-    torch.testing.assert_close(out[0], base / base.sum(), rtol=1e-12, atol=1e-12)
+    # float64 log-space, log-probs of size < 4: ULPS float64 ulps of (1 + 4)
+    atol = rounding(5.0, eps=EPS64)
+    torch.testing.assert_close(out[0], base / base.sum(), rtol=0, atol=atol)
 
 
 # --------------------------------------------------------------------------- extreme inputs
@@ -348,14 +376,18 @@ def test_logits_of_1e4_stay_finite(dtype, temperature, kw):
     assert bool(torch.isfinite(out).all()) and not bool(torch.isnan(log_out).any())
     assert bool((log_out < math.inf).all())
     assert bool((out >= 0).all())
-    torch.testing.assert_close(out.double().sum(-1), torch.ones(3, 8, dtype=torch.float64), rtol=0, atol=1e-5)
+    # logits are exactly +-1e4: z / T and z - max are exact (0 or -2e4 / T), so the log-probs
+    # carry only the rounding of log(#ties) <= log C and of the calibration (ULPS ulps of
+    # 1 + log C each); a row sums C such probabilities
+    tol = rounding(1.0 + math.log(50), terms=50)
+    torch.testing.assert_close(out.double().sum(-1), torch.ones(3, 8, dtype=torch.float64), rtol=0, atol=tol)
     assert torch.equal(out.argmax(-1)[mis], labels[mis])
     if kw.get("calibrate_before_temperature") and temperature != 1.0:
         return  # tempering after calibrating changes the margin
     margin = out[mis].double().gather(-1, labels[mis].unsqueeze(-1)).squeeze(-1) - max_nontarget(
         out[mis], labels[mis]
     )
-    torch.testing.assert_close(margin, torch.full_like(margin, 0.1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(margin, torch.full_like(margin, 0.1), rtol=0, atol=2 * rounding(1.0 + math.log(50)))
 
 
 def test_minus_inf_teacher_entries_are_masked_classes():
@@ -367,7 +399,8 @@ def test_minus_inf_teacher_entries_are_masked_classes():
     out = loca_calibrate(teacher, labels, 0.9, 2.0)
     assert bool(torch.isfinite(out).all())
     expected = ref.loca_log_target(teacher, labels, 0.9, 2.0).exp()
-    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-6)
+    # prob_tol's model with max|z| = 3, T = 2, C = 4: ULPS ulps of (1 + 3 / 2 + log 4)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=rounding(1.0 + 1.5 + math.log(4)))
     assert out[0, 1] == 0 and out[1, 3] == 0 and out[2, 2] == 0
     assert torch.equal(out.argmax(-1), labels)
 

@@ -33,17 +33,11 @@ from typing import Any, Literal
 
 from ..config import RunSection, apply_overrides, from_dict, option, read_yaml
 from ..errors import ConfigError
+from ..losses.token import REGISTRY as DIVERGENCE_REGISTRY
 
-# method name -> divergence of locakd.token_distill_loss (None: cross-entropy only)
-BASE_METHODS: dict[str, str | None] = {
-    "sft": None,
-    "kd": "forward_kl",
-    "rkl": "reverse_kl",
-    "jsd": "jsd",
-    "skew-kl": "skew_forward_kl",
-    "skew-rkl": "skew_reverse_kl",
-    "tv": "total_variation",
-}
+# method name -> divergence of locakd.token_distill_loss (None: cross-entropy only); the names
+# come from the divergence registry (losses/token.py), each entry knowing its short LM name.
+BASE_METHODS: dict[str, str | None] = {"sft": None, **{d.lm_method: d.name for d in DIVERGENCE_REGISTRY.values()}}
 METHODS: tuple[str, ...] = ("sft",) + tuple(
     name for base in BASE_METHODS if base != "sft" for name in (base, f"{base}+loca")
 )

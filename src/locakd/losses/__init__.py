@@ -1,12 +1,21 @@
-"""Distillation losses: pure functions over (student logits, teacher logits, labels)."""
+"""Distillation losses: pure functions over (student logits, teacher logits, labels).
 
+Two registries name the loss math: :data:`~locakd.losses.targets.TRANSFORMS` (teacher-target
+transforms: none, loca, ka_shift, ka_smooth, skip) and :data:`~locakd.losses.token.REGISTRY`
+(token-level divergences). ``TARGET_TRANSFORMS`` and ``DIVERGENCES`` are their names.
+"""
+
+from ._common import kl_rows
 from .dkd import KDDecomposition, decompose_kd, dkd_loss
-from .kd import kd_loss, kl_rows
-from .targets import TARGET_TRANSFORMS, standardize_logits, teacher_log_target
+from .kd import kd_loss
+from .targets import TARGET_TRANSFORMS, TRANSFORMS, TargetTransform, standardize_logits, teacher_log_target
 from .token import (
     DIVERGENCES,
+    REGISTRY,
+    Divergence,
     divergence_rows,
     forward_kl_loss,
+    get_divergence,
     jsd_loss,
     reverse_kl_loss,
     shift_for_next_token,
@@ -18,12 +27,17 @@ from .token import (
 
 __all__ = [
     "DIVERGENCES",
-    "KDDecomposition",
+    "REGISTRY",
     "TARGET_TRANSFORMS",
+    "TRANSFORMS",
+    "Divergence",
+    "KDDecomposition",
+    "TargetTransform",
     "decompose_kd",
     "divergence_rows",
     "dkd_loss",
     "forward_kl_loss",
+    "get_divergence",
     "jsd_loss",
     "kd_loss",
     "kl_rows",

@@ -20,7 +20,7 @@ import torch
 
 from .._validation import check_temperature
 from ..errors import InputError
-from .kd import floor_log_probs, reduce_rows, tempered_log_probs, validate_pair
+from ._common import floor_log_probs, reduce_rows, tempered_log_probs, validate_pair
 from .targets import resolve_transform
 
 

@@ -5,27 +5,64 @@ the student is trained to match, plus an optional per-row weight (the "skip"
 baseline zeroes mis-instructed rows). Everything runs without autograd: no
 gradient ever reaches the teacher.
 
-Transforms:
-    ``none``       softmax(z_t / T)
-    ``loca``       LoCa calibration of softmax(z_t / T) (see :mod:`locakd.calibration`)
+The transforms live in one registry, :data:`TRANSFORMS` (name -> :class:`TargetTransform`);
+each entry also names the :class:`~locakd.distiller.Distiller` methods that use it, so a
+new transform is added here (plus its tests) and nowhere else:
+
+    ``none``       softmax(z_t / T)                                                 (kd, dkd)
+    ``loca``       LoCa calibration of softmax(z_t / T) (:mod:`locakd.calibration`) (kd+loca, dkd+loca)
     ``ka_shift``   Knowledge Adjustment (Wen et al. 2019), probability shift:
-                   on mis-instructed rows swap p_gt and the top probability p_k
+                   on mis-instructed rows swap p_gt and the top probability p_k     (ka_shift)
     ``ka_smooth``  Knowledge Adjustment, label-smoothed replacement: mis-instructed rows
-                   become (1 - eps) * one_hot(gt) + eps / C
-    ``skip``       mis-instructed rows get weight 0 in the distillation term
+                   become (1 - eps) * one_hot(gt) + eps / C, C the classes whose logit is
+                   not masked (-inf)                                                (ka_smooth)
+    ``skip``       mis-instructed rows get weight 0 in the distillation term         (skip)
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .._validation import check_alpha, check_unit_interval, compute_dtype
-from ..calibration import _loca_log, _mis_rows
+from ..calibration import loca_log_target, misinstruction_rows
 from ..errors import InputError
 
-TARGET_TRANSFORMS = ("none", "loca", "ka_shift", "ka_smooth", "skip")
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """The knobs a transform may read (each one reads only its own)."""
+
+    temperature: float = 1.0
+    ignore_index: int = -100
+    loca_alpha: float | None = None
+    smoothing: float = 0.1
+    calibrate_correct: bool = False
+    calibrate_before_temperature: bool = False
+
+
+# (teacher logits in the compute dtype, labels or None, options) -> (log target, row weight or None)
+TransformFunction = Callable[
+    [torch.Tensor, "torch.Tensor | None", TargetOptions], "tuple[torch.Tensor, torch.Tensor | None]"
+]
+
+
+@dataclass(frozen=True)
+class TargetTransform:
+    """One teacher-target transform and the Distiller methods built on it."""
+
+    name: str
+    function: TransformFunction
+    kd_method: str  # Distiller method: Hinton KD with this target
+    dkd_method: str | None  # Distiller method: DKD with this target (None: not offered as a method)
+    needs_labels: bool
+    summary: str
+
+    def __call__(self, logits, labels, options):
+        return self.function(logits, labels, options)
 
 
 def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
@@ -39,20 +76,84 @@ def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
     return (logits - mean) / (std + eps)
 
 
-def resolve_transform(target_transform: str | None, loca_alpha: float | None) -> str:
+# --------------------------------------------------------------------------- the transforms
+def _plain(logits, labels, options):
+    return torch.log_softmax(logits / options.temperature, dim=-1), None
+
+
+def _loca(logits, labels, options):
+    alpha = check_alpha(0.9 if options.loca_alpha is None else options.loca_alpha, "loca_alpha")
+    target = loca_log_target(
+        logits, labels, alpha, options.temperature, options.ignore_index,
+        options.calibrate_correct, options.calibrate_before_temperature,
+    )
+    return target.log_probs, None
+
+
+def _misinstructed(logits, labels, options):
+    """(plain log target, mis-instruction mask [..., 1], safe labels [..., 1])."""
+    rows = misinstruction_rows(logits, labels, options.ignore_index)
+    log_target = torch.log_softmax(logits / options.temperature, dim=-1)
+    return log_target, rows.mask.unsqueeze(-1), rows.safe_labels.unsqueeze(-1)
+
+
+def _ka_shift(logits, labels, options):
+    log_target, mis, safe = _misinstructed(logits, labels, options)
+    top_index = logits.argmax(dim=-1, keepdim=True)
+    log_gt = log_target.gather(-1, safe)
+    log_top = log_target.gather(-1, top_index)
+    swapped = log_target.scatter(-1, safe, log_top).scatter(-1, top_index, log_gt)
+    return torch.where(mis, swapped, log_target), None
+
+
+def _ka_smooth(logits, labels, options):
+    eps = check_unit_interval(options.smoothing, "smoothing")
+    log_target, mis, safe = _misinstructed(logits, labels, options)
+    # eps is spread over the row's classes; classes masked with -inf logits are not classes
+    present = torch.isfinite(logits)
+    num_classes = present.sum(dim=-1, keepdim=True).clamp(min=1).to(log_target.dtype)
+    # log(eps / C) as a difference: eps / C may underflow to 0 for a tiny eps
+    off = math.log(eps) - num_classes.log() if eps > 0 else torch.full_like(num_classes, -math.inf)
+    on = torch.log1p(-eps + eps / num_classes)
+    smoothed = torch.where(present, off, -math.inf).scatter(-1, safe, on)
+    return torch.where(mis, smoothed, log_target), None
+
+
+def _skip(logits, labels, options):
+    log_target, mis, _ = _misinstructed(logits, labels, options)
+    return log_target, (~mis.squeeze(-1)).to(log_target.dtype)
+
+
+TRANSFORMS: dict[str, TargetTransform] = {
+    entry.name: entry
+    for entry in (
+        TargetTransform("none", _plain, "kd", "dkd", False, "softmax(z_t / T)"),
+        TargetTransform("loca", _loca, "kd+loca", "dkd+loca", True, "LoCa-calibrated softmax(z_t / T)"),
+        TargetTransform("ka_shift", _ka_shift, "ka_shift", None, True, "swap p_gt and p_top on mis-instructed rows"),
+        TargetTransform(
+            "ka_smooth", _ka_smooth, "ka_smooth", None, True, "label-smoothed one-hot on mis-instructed rows"
+        ),
+        TargetTransform("skip", _skip, "skip", None, True, "mis-instructed rows get weight 0"),
+    )
+}
+TARGET_TRANSFORMS: tuple[str, ...] = tuple(TRANSFORMS)  # the names, in registry order
+
+
+def resolve_transform(target_transform: str | None, loca_alpha: float | None) -> TargetTransform:
     """The transform named by the two ways a caller can ask for one (``loca_alpha`` means LoCa)."""
     if target_transform is None:
-        return "loca" if loca_alpha is not None else "none"
-    if target_transform not in TARGET_TRANSFORMS:
+        return TRANSFORMS["loca" if loca_alpha is not None else "none"]
+    entry = TRANSFORMS.get(target_transform) if isinstance(target_transform, str) else None
+    if entry is None:
         raise InputError(
             f"unknown target_transform {target_transform!r}; choose one of {', '.join(TARGET_TRANSFORMS)}"
         )
-    if target_transform != "loca" and loca_alpha is not None:
+    if entry.name != "loca" and loca_alpha is not None:
         raise InputError(
             f"loca_alpha={loca_alpha} was given with target_transform={target_transform!r}; "
             "LoCa is its own transform: pass target_transform='loca' (or leave it unset)"
         )
-    return target_transform
+    return entry
 
 
 def teacher_log_target(
@@ -60,7 +161,7 @@ def teacher_log_target(
     labels: torch.Tensor | None,
     temperature: float,
     *,
-    transform: str = "none",
+    transform: str | TargetTransform = "none",
     loca_alpha: float | None = None,
     smoothing: float = 0.1,
     ignore_index: int = -100,
@@ -73,39 +174,19 @@ def teacher_log_target(
     Inputs are assumed validated. ``log_target`` has the logits' shape and the
     compute dtype (float32 or float64).
     """
+    entry = transform if isinstance(transform, TargetTransform) else resolve_transform(transform, None)
+    if entry.needs_labels and labels is None:
+        raise InputError(f"target_transform {entry.name!r} needs labels")
+    options = TargetOptions(
+        temperature=temperature,
+        ignore_index=ignore_index,
+        loca_alpha=loca_alpha,
+        smoothing=smoothing,
+        calibrate_correct=calibrate_correct,
+        calibrate_before_temperature=calibrate_before_temperature,
+    )
     with torch.no_grad():
         logits = teacher_logits.detach().to(compute_dtype(teacher_logits))
         if standardize:
             logits = standardize_logits(logits)
-        if transform != "none" and labels is None:
-            raise InputError(f"target_transform {transform!r} needs labels")
-        if transform == "loca":
-            alpha = check_alpha(0.9 if loca_alpha is None else loca_alpha, "loca_alpha")
-            log_target, _ = _loca_log(
-                logits, labels, alpha, temperature, ignore_index,
-                calibrate_correct, calibrate_before_temperature,
-            )
-            return log_target, None
-
-        log_target = torch.log_softmax(logits / temperature, dim=-1)
-        if transform == "none":
-            return log_target, None
-        mis, _, _ = _mis_rows(logits, labels, ignore_index)
-        if transform == "skip":
-            return log_target, (~mis).to(log_target.dtype)
-        safe = torch.where(labels != ignore_index, labels, torch.zeros_like(labels)).unsqueeze(-1)
-        row = mis.unsqueeze(-1)
-        if transform == "ka_shift":
-            top_index = logits.argmax(dim=-1)
-            log_gt = log_target.gather(-1, safe)
-            log_top = log_target.gather(-1, top_index.unsqueeze(-1))
-            swapped = log_target.scatter(-1, safe, log_top).scatter(-1, top_index.unsqueeze(-1), log_gt)
-            return torch.where(row, swapped, log_target), None
-        if transform == "ka_smooth":
-            eps = check_unit_interval(smoothing, "smoothing")
-            num_classes = log_target.shape[-1]
-            off = math.log(eps) - math.log(num_classes) if eps > 0 else -math.inf
-            on = math.log1p(-eps + eps / num_classes)
-            smoothed = torch.full_like(log_target, off).scatter(-1, safe, on)
-            return torch.where(row, smoothed, log_target), None
-        raise InputError(f"unknown target_transform {transform!r}; choose one of {', '.join(TARGET_TRANSFORMS)}")
+        return entry(logits, labels, options)

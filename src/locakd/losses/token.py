@@ -29,23 +29,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
 from .._validation import check_temperature, check_unit_interval, compute_dtype
-from ..calibration import _loca_log
+from ..calibration import loca_log_target
 from ..errors import InputError
-from .kd import floor_log_probs, kl_rows, validate_pair
-
-DIVERGENCES = (
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "total_variation",
-)
+from ._common import floor_log_probs, kl_rows, validate_pair
 
 
 def shift_for_next_token(
@@ -60,6 +52,77 @@ def _mixture(log_a: torch.Tensor, log_b: torch.Tensor, weight_a: float) -> torch
     return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
 
 
+# --------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class DivergenceOptions:
+    """The mixing weights some divergences read."""
+
+    jsd_beta: float = 0.5
+    skew_lambda: float = 0.1
+
+
+# (log target p, log student q, options) -> per-row divergence; inputs already floored (no -inf)
+RowsFunction = Callable[[torch.Tensor, torch.Tensor, DivergenceOptions], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """One token-level divergence: its per-row value in log space and its LM method name."""
+
+    name: str
+    lm_method: str  # short method name of ``locakd lm-distill`` (``+loca`` is appended for LoCa)
+    rows: RowsFunction
+    summary: str
+
+
+def _forward_kl(log_p, log_q, options):
+    return kl_rows(log_p, log_q)
+
+
+def _reverse_kl(log_p, log_q, options):
+    return kl_rows(log_q, log_p)
+
+
+def _jsd(log_p, log_q, options):
+    beta = options.jsd_beta
+    log_mix = _mixture(log_p, log_q, beta)
+    return beta * kl_rows(log_p, log_mix) + (1 - beta) * kl_rows(log_q, log_mix)
+
+
+def _skew_forward_kl(log_p, log_q, options):
+    return kl_rows(log_p, _mixture(log_p, log_q, options.skew_lambda))
+
+
+def _skew_reverse_kl(log_p, log_q, options):
+    return kl_rows(log_q, _mixture(log_q, log_p, options.skew_lambda))
+
+
+def _total_variation(log_p, log_q, options):
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(dim=-1)
+
+
+REGISTRY: dict[str, Divergence] = {
+    entry.name: entry
+    for entry in (
+        Divergence("forward_kl", "kd", _forward_kl, "KL(p || q)"),
+        Divergence("reverse_kl", "rkl", _reverse_kl, "KL(q || p)"),
+        Divergence("jsd", "jsd", _jsd, "beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q"),
+        Divergence("skew_forward_kl", "skew-kl", _skew_forward_kl, "KL(p || lam p + (1 - lam) q)"),
+        Divergence("skew_reverse_kl", "skew-rkl", _skew_reverse_kl, "KL(q || lam q + (1 - lam) p)"),
+        Divergence("total_variation", "tv", _total_variation, "0.5 sum |p - q|"),
+    )
+}
+DIVERGENCES: tuple[str, ...] = tuple(REGISTRY)  # the names, in registry order
+
+
+def get_divergence(name: str) -> Divergence:
+    """The registry entry of ``name`` (InputError listing the choices if unknown)."""
+    entry = REGISTRY.get(name) if isinstance(name, str) else None
+    if entry is None:
+        raise InputError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}")
+    return entry
+
+
 def divergence_rows(
     name: str,
     log_student: torch.Tensor,
@@ -69,23 +132,11 @@ def divergence_rows(
     skew_lambda: float = 0.1,
 ) -> torch.Tensor:
     """Per-row divergence between target and student log-probabilities (float32 rows)."""
+    entry = get_divergence(name)
     # Entries masked (-inf) in both distributions must give 0, not NaN, in mixtures too.
-    log_student = floor_log_probs(log_student)
-    log_target = floor_log_probs(log_target)
-    if name == "forward_kl":
-        return kl_rows(log_target, log_student)
-    if name == "reverse_kl":
-        return kl_rows(log_student, log_target)
-    if name == "jsd":
-        log_mix = _mixture(log_target, log_student, jsd_beta)
-        return jsd_beta * kl_rows(log_target, log_mix) + (1 - jsd_beta) * kl_rows(log_student, log_mix)
-    if name == "skew_forward_kl":
-        return kl_rows(log_target, _mixture(log_target, log_student, skew_lambda))
-    if name == "skew_reverse_kl":
-        return kl_rows(log_student, _mixture(log_student, log_target, skew_lambda))
-    if name == "total_variation":
-        return 0.5 * (log_target.exp() - log_student.exp()).abs().sum(dim=-1)
-    raise InputError(f"unknown divergence {name!r}; choose one of {', '.join(DIVERGENCES)}")
+    return entry.rows(
+        floor_log_probs(log_target), floor_log_probs(log_student), DivergenceOptions(jsd_beta, skew_lambda)
+    )
 
 
 def _token_rows_loss(
@@ -113,7 +164,7 @@ def _token_rows_loss(
         if loca_alpha is None:
             log_target = torch.log_softmax(teacher32 / temperature, dim=-1)
         else:
-            log_target, _ = _loca_log(teacher32, labels, loca_alpha, temperature, ignore_index, False, False)
+            log_target = loca_log_target(teacher32, labels, loca_alpha, temperature, ignore_index).log_probs
     log_student = torch.log_softmax(student.to(compute_dtype(student)) / temperature, dim=-1)
     return divergence_rows(
         divergence, log_student, log_target, jsd_beta=jsd_beta, skew_lambda=skew_lambda
@@ -182,8 +233,7 @@ def token_distill_loss(
         skew_lambda: skew weight of the skew divergences in (0, 1); DistiLLM uses 0.1.
         reduction: ``"mean"`` (sum / normalizer) or ``"sum"``.
     """
-    if divergence not in DIVERGENCES:
-        raise InputError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
+    get_divergence(divergence)
     if reduction not in ("mean", "sum"):
         raise InputError(f"token_distill_loss reduction must be 'mean' or 'sum', got {reduction!r}")
     if validate:
