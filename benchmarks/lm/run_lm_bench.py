@@ -159,9 +159,13 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
 def prepare_task(task: str, sizes: dict[str, Any], task_dir: Path, shakespeare: Path | None) -> dict[str, Path]:
     """Records (train/valid/test JSONL), tokenizer and the two model configs (config.json + tokenizer)."""
     from locakd.lm.data import PromptTemplate
+    from locakd.lm.fixtures import (
+        make_instruction_suite,
+        make_shakespeare_prompts,
+        train_bpe_tokenizer,
+        write_jsonl,
+    )
     from locakd.lm.models import tiny_gpt2_config
-    from locakd.lm.tasks import make_instruction_suite, make_shakespeare_prompts, write_jsonl
-    from locakd.lm.tokenizer import train_bpe_tokenizer
 
     data_dir = task_dir / "data"
     paths = {name: data_dir / f"{name}.jsonl" for name in ("train", "valid", "test")}
