@@ -43,6 +43,7 @@ from ..engine.run import Run, check_finite, open_run
 from ..engine.runtime import autocast_context, make_grad_scaler, seed_everything
 from ..errors import CheckpointError, ConfigError
 from ..losses.objectives import LMObjective, summed_cross_entropy
+from ..losses.objectives import LossTerms as LossTerms  # moved there; importable from here for one release
 from .build import (
     check_positions,
     load_run_tokenizer,
@@ -56,6 +57,8 @@ from .build import (
     teacher_misinstruction,
     tokenize,
 )
+from .build import lr_factor as lr_factor  # moved there; importable from here for one release
+from .build import warmup_steps_of as warmup_steps_of  # (same)
 from .config import LMExperimentConfig
 from .data import count_valid_tokens, make_collate_fn, shift_for_next_token
 from .models import check_vocab
