@@ -14,6 +14,7 @@ from locakd.config import from_dict, to_dict
 from locakd.distiller import METHODS
 from locakd.engine.io import load_checkpoint
 from locakd.engine.logging import read_metrics
+from locakd.engine.run import SUMMARY_KEYS
 from locakd.errors import CheckpointError, ConfigError, DataError, LocakdError, NonFiniteLossError
 from locakd.image.config import ImageExperimentConfig
 from locakd.image.trainer import CHECKPOINT_FORMAT, distill, train_teacher
@@ -35,6 +36,7 @@ def test_teacher_run_writes_everything(teacher_run):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "best.pt", "last.pt"):
         assert (teacher_run / name).is_file(), name
     summary = _summary(teacher_run)
+    assert set(SUMMARY_KEYS) <= set(summary)  # the keys every pipeline writes
     assert summary["command"] == "train-teacher" and summary["teacher_top1"] is None
     assert summary["misinstruction_rate"] is None
     assert summary["best_top1"] >= summary["last_top1"] and summary["last_epoch"] == 3

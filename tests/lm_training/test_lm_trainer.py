@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from locakd.cli.main import main
+from locakd.engine.run import SUMMARY_KEYS
 from locakd.errors import CheckpointError, ConfigError, DataError, InputError, NonFiniteLossError
 from locakd.lm.config import LMExperimentConfig, load_lm_config, method_spec
 from locakd.lm.models import create_causal_lm, tiny_gpt2_config
@@ -49,6 +50,7 @@ def test_sft_then_distill_then_eval(lm_env, tmp_path, capsys):
                                  model={"teacher": str(teacher_dir / "best")})
     assert main(["lm-distill", str(kd_cfg)]) == 0
     summary = json.loads((student_dir / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)  # the keys every pipeline writes
     assert summary["method"] == "kd+loca" and summary["status"] == "finished" and summary["step"] == 4
     mis = summary["teacher_misinstruction"]
     assert 0.0 <= mis["misinstruction_rate"] <= 1.0 and mis["n_tokens"] > 0
