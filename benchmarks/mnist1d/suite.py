@@ -3,7 +3,7 @@
 Run it with ``python benchmarks/mnist1d/run_suite.py --out bench_out/mnist1d`` (``--help`` lists
 every option). Nothing is downloaded: MNIST-1D is generated locally, teachers are trained by
 the suite and kept in its output folder. Every run is a call of the project's image trainer
-(:mod:`locakd.training.image_trainer`) with a config built by
+(:mod:`locakd.image.trainer`) with a config built by
 :class:`~locakd.experiments.mnist1d.Mnist1dSetting`, scheduled by
 :func:`~locakd.experiments.runner.run_specs`; this program only plans the runs and aggregates
 them. It is not part of the library and uses only public names of ``locakd``.
@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from locakd.distiller import LOCA_METHODS, METHODS
+from locakd.engine.io import atomic_write_text
 from locakd.errors import ConfigError, LocakdError
 from locakd.experiments.machine import cpu_seconds, load_average, machine_info
 from locakd.experiments.mnist1d import (
@@ -56,7 +57,6 @@ from locakd.experiments.mnist1d import (
 from locakd.experiments.plots import accuracy_bar_chart, alpha_sweep_plot
 from locakd.experiments.runner import RunResult, RunSpec, default_workers, finished_results, run_specs
 from locakd.experiments.stats import mean_std, paired_by_seed
-from locakd.training.checkpoint import atomic_write_text
 
 __all__ = [
     "MAIN_SETTING",

@@ -1,8 +1,8 @@
 """``locakd demo``: teacher, then CE / KD / KD+LoCa / DKD / DKD+LoCa students on MNIST-1D, on a laptop CPU.
 
 Everything is generated locally (MNIST-1D via the ``mnist1d`` package) and trained by the
-project's image trainer (:func:`~locakd.training.image_trainer.train_teacher` and
-:func:`~locakd.training.image_trainer.distill`); this module only builds the configs,
+project's image trainer (:func:`~locakd.image.trainer.train_teacher` and
+:func:`~locakd.image.trainer.distill`); this module only builds the configs,
 runs them (two worker processes by default), and reports.
 
 The regime (:data:`DEMO_SETTING`, see :mod:`locakd.experiments.mnist1d`) comes from the
@@ -310,7 +310,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         )
     else:
         report["chart"] = None
-    from .training.checkpoint import atomic_write_text
+    from .engine.io import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
     if failed:

@@ -2,8 +2,8 @@
 
 This is what ``locakd demo`` is built on, and the MNIST-1D benchmark suite
 (``benchmarks/mnist1d/suite.py``, outside the package) too. Nothing here trains by itself:
-every run is a config handed to :func:`locakd.training.image_trainer.train_teacher` or
-:func:`~locakd.training.image_trainer.distill`.
+every run is a config handed to :func:`locakd.image.trainer.train_teacher` or
+:func:`~locakd.image.trainer.distill`.
 
 * :mod:`locakd.experiments.runner`: :class:`RunSpec`, :func:`run_specs` (resumable,
   dependency-aware, parallel worker processes, one overall progress bar), :class:`RunResult`,

@@ -1,7 +1,7 @@
 """Run many image-trainer experiments: resumable, dependency-aware, in parallel worker processes.
 
-A :class:`RunSpec` is one call of :func:`~locakd.training.image_trainer.train_teacher` or
-:func:`~locakd.training.image_trainer.distill`: a list of ``key=value`` config overrides plus a
+A :class:`RunSpec` is one call of :func:`~locakd.image.trainer.train_teacher` or
+:func:`~locakd.image.trainer.distill`: a list of ``key=value`` config overrides plus a
 run folder. :func:`run_specs` executes a list of them:
 
 * a run whose folder already holds ``summary.json`` is **skipped** (its summary is read back),
@@ -59,7 +59,7 @@ class RunSpec:
         mode: ``"train-teacher"`` or ``"distill"``.
         out_dir: the run folder (becomes ``run.out_dir``).
         overrides: ``key=value`` config overrides applied to the default
-            :class:`~locakd.training.image_config.ImageExperimentConfig`.
+            :class:`~locakd.image.config.ImageExperimentConfig`.
         after: key of a run that must finish successfully before this one starts.
         meta: free labels kept with the result (pair, method, variant, seed, ...).
     """
@@ -77,8 +77,8 @@ class RunSpec:
         self.overrides = tuple(self.overrides)
 
     def config(self):
-        """The resolved :class:`~locakd.training.image_config.ImageExperimentConfig`."""
-        from ..training.image_config import load_image_config
+        """The resolved :class:`~locakd.image.config.ImageExperimentConfig`."""
+        from ..image.config import load_image_config
 
         return load_image_config(None, [*self.overrides, f"run.out_dir={self.out_dir}"])
 
@@ -125,7 +125,7 @@ def check_same_experiment(spec: RunSpec) -> None:
     import yaml
 
     from ..config import config_keys, flatten, to_dict
-    from ..training.image_config import ImageExperimentConfig
+    from ..image.config import ImageExperimentConfig
 
     saved_path = Path(spec.out_dir) / "config.yaml"
     if not saved_path.is_file():
@@ -180,7 +180,7 @@ def execute_spec(spec: RunSpec) -> RunResult:
         summary = _read_summary(spec)
         if summary is not None:
             return RunResult(spec.key, "skipped", summary, 0.0, meta=spec.meta)
-        from ..training.image_trainer import distill, train_teacher
+        from ..image.trainer import distill, train_teacher
 
         cfg = spec.config()
         out = Path(spec.out_dir)

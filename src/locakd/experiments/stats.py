@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ..evaluation.summarize import mean_std
+from ..image.summarize import mean_std
 
 __all__ = ["mean_std", "paired_by_seed", "paired_ci", "t_quantile"]
 
