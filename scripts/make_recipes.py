@@ -4,7 +4,7 @@
     python scripts/make_recipes.py            # (re)write configs/
     python scripts/make_recipes.py --check    # exit 1 if configs/ differs from what this writes
 
-Every recipe is a complete :class:`locakd.training.image_config.ImageExperimentConfig`
+Every recipe is a complete :class:`locakd.image.config.ImageExperimentConfig`
 (all keys written out, validated by loading it back) with a header saying what it
 reproduces and the published number to compare with (docs/field-notes.md).
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import yaml
 
 from locakd.config import from_dict, to_dict
-from locakd.training.image_config import ImageExperimentConfig
+from locakd.image.config import ImageExperimentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "configs"

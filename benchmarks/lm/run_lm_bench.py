@@ -159,9 +159,13 @@ def _write_yaml(path: Path, data: dict[str, Any]) -> Path:
 def prepare_task(task: str, sizes: dict[str, Any], task_dir: Path, shakespeare: Path | None) -> dict[str, Path]:
     """Records (train/valid/test JSONL), tokenizer and the two model configs (config.json + tokenizer)."""
     from locakd.lm.data import PromptTemplate
+    from locakd.lm.fixtures import (
+        make_instruction_suite,
+        make_shakespeare_prompts,
+        train_bpe_tokenizer,
+        write_jsonl,
+    )
     from locakd.lm.models import tiny_gpt2_config
-    from locakd.lm.tasks import make_instruction_suite, make_shakespeare_prompts, write_jsonl
-    from locakd.lm.tokenizer import train_bpe_tokenizer
 
     data_dir = task_dir / "data"
     paths = {name: data_dir / f"{name}.jsonl" for name in ("train", "valid", "test")}
@@ -223,7 +227,7 @@ def collect(task: str, task_dir: Path, methods: list[str], seeds: list[int]) -> 
     out: dict[str, Any] = {
         "teacher": {
             "rouge_l": teacher_eval["rouge_l_mean"], "exact_match": teacher_eval["exact_match_mean"],
-            "params": teacher_summary["student_params"], "train_time_s": teacher_summary["train_time_s"],
+            "params": teacher_summary["student_params"], "train_time_s": teacher_summary["wall_time_s"],
             "steps": teacher_summary["step"],
         },
         "methods": {},
@@ -236,7 +240,7 @@ def collect(task: str, task_dir: Path, methods: list[str], seeds: list[int]) -> 
             sm = json.loads((run / "summary.json").read_text())
             rows.append({"seed": seed, "rouge_l": ev["rouge_l_mean"], "exact_match": ev["exact_match_mean"],
                          "valid_rouge_l": sm["best"]["value"], "best_step": sm["best"]["step"],
-                         "train_time_s": sm["train_time_s"], "params": sm["student_params"],
+                         "train_time_s": sm["wall_time_s"], "params": sm["student_params"],
                          "per_category": ev.get("per_category"),
                          "teacher_misinstruction": sm["teacher_misinstruction"]})
             if sm["teacher_misinstruction"] is not None:

@@ -16,7 +16,8 @@ import shutil
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 
 
 def _section(text: str, start: str, end: str | None) -> str:
@@ -40,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="BENCHMARKS_mnist1d.md", help="the markdown file to write")
     args = parser.parse_args(argv)
 
-    from locakd.benchmarks.mnist1d_suite import MAIN_SETTING, PAIRS
+    sys.path.insert(0, str(HERE))
+    from suite import MAIN_SETTING, PAIRS
+
     from locakd.demo import format_report
+    from locakd.experiments.mnist1d import KD_FAMILY
 
     suite, demo = ROOT / args.suite, ROOT / args.demo
     tables = (suite / "tables.md").read_text()
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             f"input noise std {s.noise_std:g} on training inputs;",
             f"* training: {s.epochs} epochs (teachers {s.teacher_epochs}), AdamW lr {s.lr:g}, cosine to 0, "
             f"weight decay {s.weight_decay:g}, batch {s.batch_size};",
-            f"* KD family (kd, kd+loca, ka_shift, ka_smooth, skip): T = {s.temperature:g}, CE weight "
+            f"* KD family ({', '.join(KD_FAMILY)}): T = {s.temperature:g}, CE weight "
             f"{s.ce_weight:g}, KD weight {s.kd_weight:g}; LoCa alpha {s.loca_alpha:g} (0.95 too); "
             f"ka_smooth epsilon {s.smoothing:g};",
             f"* DKD family: CE 1, DKD 1, TCKD weight {s.dkd_alpha:g}, NCKD weight beta {s.dkd_beta:g}, "
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "{{GRID}}": _section(tables, "### KD-regime grid", None),
         "{{DEMO_TABLE}}": demo_table,
     }
-    text = (Path(__file__).parent / "BENCHMARKS_template.md").read_text()
+    text = (HERE / "BENCHMARKS_template.md").read_text()
     for key, value in fills.items():
         if key not in text:
             raise SystemExit(f"placeholder {key} missing from the template")

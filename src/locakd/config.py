@@ -275,13 +275,11 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
     return from_dict(cls, data)
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
+def config_yaml(config: Any) -> str:
+    """The resolved config as YAML text (what ``config.yaml`` of a run holds)."""
     import yaml
 
-    from .training.checkpoint import atomic_write_text
-
-    atomic_write_text(Path(path), yaml.safe_dump(to_dict(config), sort_keys=False))
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
 
 
 def describe(cls: type, prefix: str = "") -> list[str]:
@@ -303,3 +301,53 @@ def describe(cls: type, prefix: str = "") -> list[str]:
         doc = field.metadata.get("help", "")
         lines.append(f"  {name} = {default!r}" + (f"  # {doc}" if doc else ""))
     return lines
+
+
+def commented_yaml(cls: type) -> str:
+    """The defaults of config class ``cls`` as YAML, each key followed by its help as a comment."""
+    import yaml
+
+    lines: list[str] = []
+    hints = _field_types(cls)
+    for section in dataclasses.fields(cls):
+        lines.append(f"{section.name}:")
+        for f in dataclasses.fields(hints[section.name]):
+            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+            dumped = dumped[1:-1] if dumped.startswith("{") else dumped
+            doc = f.metadata.get("help", "")
+            lines.append(f"  {dumped}" + (f"  # {doc}" if doc else ""))
+    return "\n".join(lines)
+
+
+PRECISIONS = ("float32", "bfloat16", "float16")
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass
+class RunSection:
+    """The keys every pipeline's ``run`` section shares (seed, device, precision, output, logging, DDP).
+
+    A pipeline's run section subclasses it and may re-declare a field to change its default or help
+    (the image pipeline derives ``out_dir`` from the experiment when it is empty, the LM one does not).
+    """
+
+    seed: int = option(0, "seed of model initialisation, data order, augmentation and dropout", identity="run")
+    device: str = option("auto", "auto | cpu | cuda | cuda:N | mps", resume=True, identity="none")
+    precision: Precision = option(
+        "float32",
+        "autocast precision of the forward passes (float16 uses a GradScaler and needs a GPU; the loss "
+        "math stays float32)",
+    )
+    out_dir: str = option("", "run folder", resume=True, identity="none")
+    progress: bool = option(True, "tqdm progress bars (rank 0 only)", resume=True, identity="none")
+    tensorboard: bool = option(
+        True, "TensorBoard scalars in <out_dir>/tensorboard", resume=True, identity="none"
+    )
+    dist_timeout_s: float = option(
+        1800.0, "timeout of collective operations under torchrun (seconds)", resume=True, identity="none"
+    )
+
+    def validate(self) -> None:
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"config key 'run.dist_timeout_s' must be > 0, got {self.dist_timeout_s}")

@@ -1,11 +1,11 @@
 """``locakd demo``: teacher, then CE / KD / KD+LoCa / DKD / DKD+LoCa students on MNIST-1D, on a laptop CPU.
 
 Everything is generated locally (MNIST-1D via the ``mnist1d`` package) and trained by the
-project's image trainer (:func:`~locakd.training.image_trainer.train_teacher` and
-:func:`~locakd.training.image_trainer.distill`); this module only builds the configs,
+project's image trainer (:func:`~locakd.image.trainer.train_teacher` and
+:func:`~locakd.image.trainer.distill`); this module only builds the configs,
 runs them (two worker processes by default), and reports.
 
-The regime (:data:`DEMO_SETTING`, see :mod:`locakd.benchmarks.mnist1d`) comes from the
+The regime (:data:`DEMO_SETTING`, see :mod:`locakd.experiments.mnist1d`) comes from the
 MNIST-1D benchmark suite (``BENCHMARKS_mnist1d.md``): a small CNN teacher (``cnn_8``, ~74 %
 test accuracy) teaching an MLP student (``mlp_128``, ~70 % alone) on noisy inputs. There
 distillation beats cross-entropy by 3-4 points, and the teacher is wrong on about a quarter
@@ -24,39 +24,50 @@ too). Settings that differ (``--quick``, ``--epochs``, ...) get separate run fol
 from __future__ import annotations
 
 import json
-import os
-import platform
-import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .benchmarks.mnist1d import Mnist1dSetting, model_name, short_model
-from .benchmarks.runner import RunResult, run_specs
-from .benchmarks.stats import mean_std, paired_ci
-from .distiller import METHODS
+from .distiller import LOCA_METHODS, METHODS
 from .errors import ConfigError, LocakdError
+from .experiments.machine import cpu_seconds, load_average, machine_info
+from .experiments.mnist1d import (
+    DEFAULT_SETTING,
+    QUICK_SETTING,
+    Mnist1dSetting,
+    mnist1d_models,
+    model_name,
+    short_model,
+    uncalibrated_method,
+)
+from .experiments.runner import RunResult, default_workers, run_specs
+from .experiments.stats import mean_std, paired_by_seed
 
 __all__ = [
     "DEMO_METHODS",
+    "DEMO_SEEDS",
     "DEMO_SETTING",
     "DEMO_STUDENT",
     "DEMO_TEACHER",
+    "QUICK_SEEDS",
     "QUICK_SETTING",
     "DemoOptions",
     "format_report",
-    "machine_info",
     "run_demo",
 ]
 
 DEMO_TEACHER = "cnn_8"
 DEMO_STUDENT = "mlp_128"
-DEMO_METHODS = ("ce", "kd", "kd+loca", "dkd", "dkd+loca")
-DEMO_SETTING = Mnist1dSetting()
-# A smoke-test version: a few hundred samples and a few epochs (numbers mean nothing).
-QUICK_SETTING = Mnist1dSetting(samples=600, epochs=3, teacher_epochs=3, dkd_warmup=1)
+# Cross-entropy alone, then every LoCa method next to the method it calibrates.
+DEMO_METHODS: tuple[str, ...] = (
+    "ce",
+    *(m for loca in LOCA_METHODS for m in (uncalibrated_method(loca), loca)),
+)
+DEMO_SETTING = DEFAULT_SETTING
+DEMO_SEEDS = 3
+QUICK_SEEDS = 2
 CHART_NAME = "demo_accuracy.png"
 
 
@@ -100,16 +111,12 @@ class DemoOptions:
         return setting
 
     def n_seeds(self) -> int:
-        return self.seeds if self.seeds is not None else (2 if self.quick else 3)
+        if self.seeds is not None:
+            return self.seeds
+        return QUICK_SEEDS if self.quick else DEMO_SEEDS
 
     def n_workers(self) -> int:
-        if self.workers is not None:
-            return self.workers
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - macOS / Windows
-            cores = os.cpu_count() or 1
-        return max(1, min(2, cores))
+        return self.workers if self.workers is not None else default_workers()
 
     def validate(self) -> None:
         if self.n_seeds() < 1:
@@ -123,11 +130,9 @@ class DemoOptions:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
         if len(set(self.methods)) != len(self.methods):
             raise ConfigError(f"--methods lists a method twice: {list(self.methods)}")
-        from .models import available
-
+        choices = mnist1d_models()
         for flag, name in (("--teacher", self.teacher), ("--student", self.student)):
-            if model_name(name) not in available():
-                choices = sorted(short_model(m) for m in available() if m.startswith("mnist1d_"))
+            if short_model(model_name(name)) not in choices:
                 raise ConfigError(
                     f"{flag} {name!r} is not an MNIST-1D model; choose from {', '.join(choices)}"
                 )
@@ -140,42 +145,6 @@ class DemoOptions:
             raise ConfigError(f"--noise must be >= 0, got {s.noise_std}")
         if not 0.0 < s.loca_alpha < 1.0:
             raise ConfigError(f"--alpha must lie in (0, 1), got {s.loca_alpha}")
-
-
-def machine_info() -> dict[str, Any]:
-    """CPU model, cores, torch version and load average (timings depend on all of them)."""
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover
-        cores = os.cpu_count() or 0
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cores_available": cores,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-    try:
-        info["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:  # pragma: no cover
-        pass
-    return info
-
-
-def _cpu_seconds() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def _aggregate(results: dict[str, RunResult], methods: tuple[str, ...], seeds: list[int]) -> dict[str, Any]:
@@ -226,12 +195,7 @@ def _paired(methods: dict[str, Any], a: str, b: str, metric: str) -> dict[str, A
         return None
     ra = {r["seed"]: r[metric] for r in methods[a]["runs"] if metric in r}
     rb = {r["seed"]: r[metric] for r in methods[b]["runs"] if metric in r}
-    common = sorted(set(ra) & set(rb))
-    if not common:
-        return None
-    ci = paired_ci([ra[s] for s in common], [rb[s] for s in common])
-    ci["seeds"] = common
-    return ci
+    return paired_by_seed(ra, rb)
 
 
 def run_demo(opts: DemoOptions) -> dict[str, Any]:
@@ -280,9 +244,9 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         file=sys.stderr,
         flush=True,
     )
-    t0, cpu0 = time.time(), _cpu_seconds()
+    t0, cpu0 = time.time(), cpu_seconds()
     results = run_specs(specs, workers=workers, progress=opts.progress, desc="demo runs")
-    wall, cpu = time.time() - t0, _cpu_seconds() - cpu0
+    wall, cpu = time.time() - t0, cpu_seconds() - cpu0
 
     failed = {k: r.error for k, r in results.items() if not r.ok}
     t_res = results.get("teacher")
@@ -324,7 +288,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         "cpu_time_s": cpu,
         "workers": workers,
         "machine": info,
-        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_end": load_average(),
         "chart": CHART_NAME,
     }
     report["paired"] = {k: v for k, v in report["paired"].items() if v is not None}
@@ -332,7 +296,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     plotted = [m for m in opts.methods if methods[m]["n"] > 0]
     if plotted:
-        from .benchmarks.plots import accuracy_bar_chart
+        from .experiments.plots import accuracy_bar_chart
 
         accuracy_bar_chart(
             out / CHART_NAME,
@@ -346,7 +310,7 @@ def run_demo(opts: DemoOptions) -> dict[str, Any]:
         )
     else:
         report["chart"] = None
-    from .training.checkpoint import atomic_write_text
+    from .engine.io import atomic_write_text
 
     atomic_write_text(out / "results.json", json.dumps(report, indent=2) + "\n")
     if failed:

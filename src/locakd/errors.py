@@ -23,3 +23,15 @@ class DataError(LocakdError, ValueError):
 
 class CheckpointError(LocakdError, RuntimeError):
     """A checkpoint is missing, corrupt, or does not match the model it is loaded into."""
+
+
+class NonFiniteLossError(LocakdError, FloatingPointError):
+    """A training loss term became NaN or infinite; the message names the term and the step."""
+
+    def __init__(self, term: str, value: float | None, where: str) -> None:
+        self.term, self.value, self.where = term, value, where
+        shown = "not finite" if value is None else f"{value}"
+        super().__init__(
+            f"the training loss term '{term}' became {shown} at {where}; lower optim.lr, check the data, "
+            "or use run.precision=float32"
+        )

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from locakd import models
-from locakd.training.checkpoint import save_checkpoint
+from locakd.engine.io import save_checkpoint
 
 
 @pytest.fixture(autouse=True, scope="module")

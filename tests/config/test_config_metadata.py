@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 import pytest
 
 from locakd.config import config_changes, config_keys, flatten, option
+from locakd.image.config import ImageExperimentConfig
 from locakd.lm.config import LMExperimentConfig
-from locakd.training.image_config import ImageExperimentConfig
 
 
 @dataclass

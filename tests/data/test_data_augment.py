@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from locakd.data import (
     CIFAR100_MEAN,
     CIFAR100_STD,
+    SampleGenerators,
     cifar_train_transform,
     gaussian_noise,
     normalize,
@@ -95,3 +96,19 @@ def test_train_pipeline_and_noise():
     n1 = gaussian_noise(0.1)(z, _gen(0))
     assert n1.shape == z.shape and 0.03 < n1.std() < 0.3
     assert torch.equal(n1, gaussian_noise(0.1)(z, _gen(0)))
+
+
+def test_per_sample_generators_make_each_sample_independent_of_its_batch():
+    x = _batch(6)
+    seeds = [11, 12, 13, 14, 15, 16]
+    tf = cifar_train_transform()
+    whole = tf(x, SampleGenerators.from_seeds(seeds))
+    halves = torch.cat([tf(x[:3], SampleGenerators.from_seeds(seeds[:3])), tf(x[3:], SampleGenerators.from_seeds(seeds[3:]))])
+    assert torch.equal(whole, halves)
+    reordered = tf(x.flip(0), SampleGenerators.from_seeds(seeds[::-1]))
+    assert torch.equal(reordered, whole.flip(0))
+    z = torch.zeros(6, 40)
+    noise = gaussian_noise(0.1)(z, SampleGenerators.from_seeds(seeds))
+    assert torch.equal(noise[2], gaussian_noise(0.1)(z[2:3], SampleGenerators.from_seeds([13]))[0])
+    with pytest.raises(InputError, match="2 sample generators for a batch of 6"):
+        random_hflip(x, SampleGenerators.from_seeds([1, 2]))

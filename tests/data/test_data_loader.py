@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from locakd.data import (
-    BatchLoader,
     ShardSampler,
     TensorImageDataset,
     cifar_train_transform,
     epoch_permutation,
+    gaussian_noise,
     make_loader,
+    sample_seeds,
     shard_indices,
 )
 from locakd.errors import ConfigError
@@ -93,10 +94,46 @@ def test_augmentation_reproducible_and_resumable():
         assert torch.equal(x1, x2) and torch.equal(y1, y2)
     other_epoch = list(make_loader(ds, 8, seed=9, epoch=4, augment=tf))
     assert not torch.equal(full[0][0], other_epoch[0][0])
-    # ranks draw different augmentation streams
-    r0 = BatchLoader(ds, 8, seed=9, shuffle=False, rank=0, world_size=2, augment=tf)
-    r1 = BatchLoader(ds, 8, seed=9, shuffle=False, rank=1, world_size=2, augment=tf)
-    assert r0.batch_generator(0).initial_seed() != r1.batch_generator(0).initial_seed()
+    # every sample draws its own stream: two samples of one batch are cropped/flipped independently
+    seeds = sample_seeds(9, 3, range(40))
+    assert len(set(seeds)) == 40 and all(0 <= s < 2**63 for s in seeds)
+    assert sample_seeds(9, 3, [5]) == [seeds[5]] and sample_seeds(9, 4, [5]) != [seeds[5]]
+
+
+def _augmented_by_index(loaders):
+    """{dataset index: augmented input} over the batches of every loader (e.g. every rank)."""
+    out = {}
+    for loader in loaders:
+        order = loader.indices().tolist()
+        seen = 0
+        for x, _ in loader:
+            for row in x:
+                out.setdefault(order[seen], row)
+                seen += 1
+    return out
+
+
+@pytest.mark.parametrize("kind", ["cifar", "noise"])
+def test_augmentation_is_a_function_of_seed_epoch_and_sample(kind):
+    """1 process x 32 and 2 processes x 16 (and other batch sizes) augment every sample identically."""
+    if kind == "cifar":
+        images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        tf = cifar_train_transform()
+    else:
+        images = torch.randn(64, 40, generator=torch.Generator().manual_seed(0))
+        tf = gaussian_noise(0.3)
+    ds = TensorImageDataset(images, torch.arange(64) % 10)
+    single = _augmented_by_index([make_loader(ds, 32, seed=4, epoch=2, augment=tf)])
+    split = _augmented_by_index([make_loader(ds, 16, seed=4, epoch=2, rank=r, world_size=2, augment=tf) for r in (0, 1)])
+    odd = _augmented_by_index([make_loader(ds, 5, seed=4, epoch=2, augment=tf)])
+    assert sorted(single) == sorted(split) == sorted(odd) == list(range(64))
+    for i in range(64):
+        assert torch.equal(single[i], split[i]) and torch.equal(single[i], odd[i]), i
+    # the augmentation did something, and differs between samples and epochs
+    raw = tf.transforms[-1](images) if kind == "cifar" else images
+    assert sum(not torch.equal(single[i], raw[i]) for i in range(64)) > 32
+    other = _augmented_by_index([make_loader(ds, 32, seed=4, epoch=3, augment=tf)])
+    assert sum(not torch.equal(single[i], other[i]) for i in range(64)) > 32
 
 
 def test_shard_sampler_matches_batch_loader():

@@ -3,17 +3,44 @@
 import json
 
 from locakd.cli.main import build_parser, main
-from locakd.demo import DEMO_METHODS, DEMO_TEACHER
+from locakd.demo import DEMO_METHODS, DEMO_SETTING, DEMO_TEACHER, QUICK_SETTING, DemoOptions
+from locakd.distiller import LOCA_METHODS, METHODS
+from locakd.experiments.mnist1d import uncalibrated_method
 
 TINY = ["--quick", "--seeds", "1", "--workers", "1", "--samples", "200", "--epochs", "2", "--no-progress"]
 
 
 def test_demo_help_explains_every_option(capsys):
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["demo"]
-    for action in sub._actions:
+    for action in _demo_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help and len(action.help) > 15, action.option_strings
+
+
+def _demo_parser():
+    parser = build_parser()
+    return next(a for a in parser._actions if a.dest == "command").choices["demo"]
+
+
+def test_demo_methods_and_help_follow_the_distiller():
+    # CE, then every LoCa method right after the method it calibrates.
+    assert DEMO_METHODS[0] == "ce" and len(set(DEMO_METHODS)) == len(DEMO_METHODS)
+    assert set(DEMO_METHODS) <= set(METHODS)
+    for loca in LOCA_METHODS:
+        i = DEMO_METHODS.index(loca)
+        assert DEMO_METHODS[i - 1] == uncalibrated_method(loca)
+    methods_help = next(a.help for a in _demo_parser()._actions if a.dest == "methods")
+    for method in METHODS:
+        assert method in methods_help, method
+
+
+def test_demo_options_resolve_the_setting():
+    assert DemoOptions().setting() == DEMO_SETTING and DemoOptions(quick=True).setting() == QUICK_SETTING
+    assert DemoOptions().n_seeds() == 3 and DemoOptions(quick=True).n_seeds() == 2
+    assert DemoOptions(workers=1).n_workers() == 1 and 1 <= DemoOptions().n_workers() <= 2
+    short = DemoOptions(epochs=4).setting()
+    # --epochs sets the teacher's epochs too; a DKD warm-up longer than training is shortened.
+    assert short.epochs == short.teacher_epochs == 4 and short.dkd_warmup == 1
+    assert DemoOptions(epochs=6, teacher_epochs=9).setting().teacher_epochs == 9
 
 
 def test_demo_tiny_end_to_end_and_reuse(tmp_path, capsys):

@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 
 from locakd.lm.data import PromptTemplate
+from locakd.lm.fixtures import make_instruction_suite, train_bpe_tokenizer
 from locakd.lm.models import create_causal_lm, tiny_gpt2_config
-from locakd.lm.tasks import make_instruction_suite
-from locakd.lm.tokenizer import train_bpe_tokenizer
 
 
 def _corpus() -> list[str]:

@@ -17,7 +17,7 @@ from locakd.lm.evaluate import (
     rouge_l,
     teacher_misinstruction_rate,
 )
-from locakd.lm.tasks import make_instruction_suite
+from locakd.lm.fixtures import make_instruction_suite
 
 # ------------------------------------------------------------------------------------------ metrics
 

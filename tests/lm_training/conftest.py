@@ -13,9 +13,8 @@ import pytest
 import yaml
 
 from locakd.lm.data import PromptTemplate
+from locakd.lm.fixtures import make_instruction_suite, train_bpe_tokenizer, write_jsonl
 from locakd.lm.models import create_causal_lm, tiny_gpt2_config
-from locakd.lm.tasks import make_instruction_suite, write_jsonl
-from locakd.lm.tokenizer import train_bpe_tokenizer
 
 N_POSITIONS = 96
 

@@ -9,15 +9,12 @@ import torch
 
 from locakd.lm.config import method_spec
 from locakd.lm.data import collate_examples, count_valid_tokens, tokenize_examples
+from locakd.lm.fixtures import make_instruction_suite
 from locakd.lm.models import FrozenTeacher, create_causal_lm, tiny_gpt2_config
-from locakd.lm.tasks import make_instruction_suite
-from locakd.lm.trainer import (
-    LMObjective,
-    accumulate_gradients,
-    lr_factor,
-    step_micro_batches,
-    summed_cross_entropy,
-)
+from locakd.lm.trainer import accumulate_gradients, step_micro_batches
+from locakd.losses.objectives import LMObjective
+
+EPS32 = torch.finfo(torch.float32).eps
 
 
 @pytest.fixture(scope="module")
@@ -56,44 +53,19 @@ def test_accumulated_equals_one_big_batch(pieces, method):
     student.zero_grad(set_to_none=True)
 
     assert stats_acc.n_tokens == stats_big.n_tokens == sum(counts)
+    n = stats_big.n_tokens
     means_acc = stats_acc.means(0.5, method != "sft")
     means_big = stats_big.means(0.5, method != "sft")
     for key in means_big:
-        assert math.isclose(means_acc[key], means_big[key], rel_tol=1e-5), (key, means_acc, means_big)
+        # means of n positive float32 per-token terms summed in other groupings: ulps x sqrt(n)
+        assert math.isclose(means_acc[key], means_big[key], rel_tol=4 * EPS32 * math.sqrt(n)), (key, means_acc)
     assert grads_acc.keys() == grads_big.keys() and grads_big
     for name in grads_big:
-        torch.testing.assert_close(grads_acc[name], grads_big[name], rtol=1e-4, atol=1e-6, msg=name)
+        # each gradient is a sum over the n tokens' contributions, grouped differently: a few ulps
+        # x sqrt(n) of the tensor's gradient scale
+        tol = 8 * EPS32 * math.sqrt(n) * float(grads_big[name].abs().max())
+        torch.testing.assert_close(grads_acc[name], grads_big[name], rtol=0, atol=tol, msg=name)
     assert all(p.grad is None for p in teacher.parameters())
-
-
-def test_objective_matches_reference_formula(pieces):
-    """loss = ((1 - r) * CE_sum + r * KL_sum) / N with the shift, written out by hand."""
-    ds, student, teacher, tok = pieces
-    batch = collate_examples([ds[i] for i in range(4)], tok.pad_token_id)
-    s = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    labels = batch["labels"][:, 1:]
-    valid = labels != -100
-    s2, t2, y = s[:, :-1][valid], t[:, :-1][valid], labels[valid]
-    ce = torch.nn.functional.cross_entropy(s2, y, reduction="sum")
-    kl = torch.nn.functional.kl_div(s2.log_softmax(-1), t2.log_softmax(-1), log_target=True, reduction="sum")
-    n = float(valid.sum())
-    terms = LMObjective(spec=method_spec("kd"), kd_ratio=0.3, chunk_size=None)(s, batch["labels"], t, n)
-    torch.testing.assert_close(terms.loss, (0.7 * ce + 0.3 * kl) / n, rtol=1e-5, atol=1e-6)
-
-
-def test_chunked_cross_entropy_same_value_and_gradient():
-    torch.manual_seed(0)
-    logits = torch.randn(3, 17, 50, requires_grad=True)
-    labels = torch.randint(0, 50, (3, 17))
-    labels[0, :5] = -100
-    labels[2, 10:] = -100
-    one = summed_cross_entropy(logits, labels, None)
-    (g_one,) = torch.autograd.grad(one, logits)
-    chunked = summed_cross_entropy(logits, labels, 7)
-    (g_chunked,) = torch.autograd.grad(chunked, logits)
-    torch.testing.assert_close(one, chunked)
-    torch.testing.assert_close(g_one, g_chunked)
 
 
 def test_step_micro_batches_partition_the_global_batch():
@@ -111,12 +83,3 @@ def test_step_micro_batches_partition_the_global_batch():
     # the same global batch split over 1 process is the same set of examples
     single = step_micro_batches(order, 1, lengths, micro_batch_size=8, grad_accum_steps=2)
     assert sorted(i for p in single for i in p) == sorted(order[16:32])
-
-
-def test_lr_schedule_warmup_then_cosine():
-    f = [lr_factor(s, 10, 2, "cosine", 0.0) for s in range(10)]
-    assert f[0] == pytest.approx(0.5) and f[1] == pytest.approx(1.0) and f[2] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(f[1:], f[2:], strict=False))
-    assert f[-1] < 0.05
-    assert lr_factor(5, 10, 0, "constant", 0.0) == 1.0
-    assert lr_factor(10, 10, 0, "linear", 0.1) == pytest.approx(0.1)

@@ -1,4 +1,4 @@
-"""``locakd demo``: the MNIST-1D distillation demo (teacher + CE / KD / KD+LoCa / DKD / DKD+LoCa students)."""
+"""``locakd demo``: the MNIST-1D distillation demo (a teacher, then students of each demo method)."""
 
 from __future__ import annotations
 
@@ -33,12 +33,21 @@ examples:
 
 
 def register(subparsers) -> None:
-    from ..demo import DEMO_METHODS, DEMO_STUDENT, DEMO_TEACHER
-    from ..distiller import METHODS
+    from ..demo import (
+        DEMO_METHODS,
+        DEMO_SEEDS,
+        DEMO_SETTING,
+        DEMO_STUDENT,
+        DEMO_TEACHER,
+        QUICK_SEEDS,
+        QUICK_SETTING,
+    )
+    from ..distiller import LOCA_METHODS, METHODS
+    from ..experiments.mnist1d import mnist1d_models
 
     p = subparsers.add_parser(
         "demo",
-        help="MNIST-1D demo: teacher + CE/KD/KD+LoCa/DKD/DKD+LoCa students on CPU (a few minutes)",
+        help=f"MNIST-1D demo: teacher + {'/'.join(DEMO_METHODS)} students on CPU (a few minutes)",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -50,12 +59,13 @@ def register(subparsers) -> None:
         default=None,
         metavar="N",
         help="students per method, seeds 0..N-1; a seed fixes the student's initial weights, data order "
-        "and input noise, identically across methods (default: 3; 2 with --quick)",
+        f"and input noise, identically across methods (default: {DEMO_SEEDS}; {QUICK_SEEDS} with --quick)",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: 600 samples, 3 epochs, 2 seeds; checks that everything runs, the accuracies mean nothing",
+        help=f"smoke test: {QUICK_SETTING.samples} samples, {QUICK_SETTING.epochs} epochs, {QUICK_SEEDS} seeds; checks that "
+        "everything runs, the accuracies mean nothing",
     )
     p.add_argument(
         "--workers",
@@ -68,7 +78,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--teacher",
         default=DEMO_TEACHER,
-        help=f"teacher model: cnn_8|16|32|64, mlp_32|64|128|256 (default: {DEMO_TEACHER})",
+        help=f"teacher model, one of {', '.join(mnist1d_models())} (default: {DEMO_TEACHER})",
     )
     p.add_argument(
         "--student", default=DEMO_STUDENT, help=f"student model, same choices (default: {DEMO_STUDENT})"
@@ -83,7 +93,8 @@ def register(subparsers) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="training epochs of teacher and students (default: 30; 3 with --quick)",
+        help=f"training epochs of teacher and students (default: {DEMO_SETTING.epochs}; "
+        f"{QUICK_SETTING.epochs} with --quick)",
     )
     p.add_argument(
         "--teacher-epochs",
@@ -97,21 +108,23 @@ def register(subparsers) -> None:
         type=int,
         default=None,
         metavar="N",
-        help="MNIST-1D samples in total, 80%% train / 20%% test (default: 5000; 600 with --quick)",
+        help=f"MNIST-1D samples in total, {round(100 * DEMO_SETTING.train_split)}%% train / "
+        f"{round(100 * (1 - DEMO_SETTING.train_split))}%% test (default: {DEMO_SETTING.samples}; {QUICK_SETTING.samples} with --quick)",
     )
     p.add_argument(
         "--noise",
         type=float,
         default=None,
         metavar="STD",
-        help="std of the Gaussian noise added to training inputs, teacher and students (default: 0.3; "
+        help="std of the Gaussian noise added to training inputs, teacher and students "
+        f"(default: {DEMO_SETTING.noise_std:g}; "
         "0 makes the teacher exact on its training set, so LoCa has nothing to correct)",
     )
     p.add_argument(
         "--alpha",
         type=float,
         default=None,
-        help="LoCa alpha in (0, 1) for kd+loca and dkd+loca (default: 0.9)",
+        help=f"LoCa alpha in (0, 1) for {' and '.join(LOCA_METHODS)} (default: {DEMO_SETTING.loca_alpha:g})",
     )
     p.add_argument(
         "--device", default="cpu", help="torch device of every run: cpu (default) | auto | cuda | mps"

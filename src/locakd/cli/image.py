@@ -1,11 +1,10 @@
-"""Image-classification commands: ``train-teacher``, ``distill``, ``summarize``, ``show-config``.
+"""Image-classification commands: ``train-teacher``, ``distill``, ``summarize``.
 
 locakd train-teacher configs/cifar100/teachers/resnet56.yaml
 locakd distill configs/cifar100/resnet56_resnet20/kd+loca.yaml run.seed=1
 locakd distill configs/cifar100/resnet56_resnet20/kd+loca.yaml run.epochs=300 --resume
 torchrun --nproc_per_node 4 -m locakd.cli.main distill CONFIG data.batch_size=16
 locakd summarize runs/cifar100
-locakd show-config image
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ Config keys (KEY = default  # meaning):
 
 def _key_reference() -> str:
     from ..config import describe
-    from ..training.image_config import ImageExperimentConfig
+    from ..image.config import ImageExperimentConfig
 
     return "\n".join(describe(ImageExperimentConfig))
 
@@ -84,19 +83,6 @@ def register(subparsers) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.set_defaults(func=run_summarize)
 
-    parser = subparsers.add_parser(
-        "show-config",
-        help="print every config key with its default and meaning",
-        description="Print the reference of a config kind: every key, its default and what it does.",
-    )
-    parser.add_argument(
-        "kind",
-        choices=["image", "lm"],
-        help="config kind: image (train-teacher, distill) or lm (lm-sft, lm-distill)",
-    )
-    parser.add_argument("--yaml", action="store_true", help="print the defaults as a YAML file instead")
-    parser.set_defaults(func=run_show_config)
-
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
@@ -106,8 +92,8 @@ def run_experiment(args: argparse.Namespace) -> int:
     import yaml
 
     from ..config import to_dict
-    from ..training.image_config import load_image_config
-    from ..training.image_trainer import run_image_experiment
+    from ..image.config import load_image_config
+    from ..image.trainer import run_image_experiment
 
     cfg = load_image_config(args.config, args.overrides)
     if args.print_config:
@@ -131,7 +117,7 @@ def run_experiment(args: argparse.Namespace) -> int:
 
 def run_summarize(args: argparse.Namespace) -> int:
     from ..errors import DataError
-    from ..evaluation.summarize import find_runs, format_table, groups_to_json, load_run, summarize_runs
+    from ..image.summarize import find_runs, format_table, groups_to_json, load_run, summarize_runs
 
     finished, unfinished = find_runs(args.runs)
     for run in unfinished:
@@ -146,48 +132,3 @@ def run_summarize(args: argparse.Namespace) -> int:
     else:
         print(format_table(groups))
     return 0
-
-
-def run_show_config(args: argparse.Namespace) -> int:
-    if args.kind == "lm":
-        from ..config import describe
-        from ..lm.config import LMExperimentConfig
-
-        config_class, title, reference = LMExperimentConfig, "LM experiment config (lm-sft, lm-distill)", None
-    else:
-        from ..training.image_config import ImageExperimentConfig
-
-        config_class, title, reference = (
-            ImageExperimentConfig,
-            "image experiment config (train-teacher, distill)",
-            _key_reference,
-        )
-    if args.yaml:
-        print(_commented_yaml(config_class))
-    else:
-        print(f"# locakd {title}: KEY = default  # meaning")
-        print(reference() if reference else "\n".join(describe(config_class)))
-    return 0
-
-
-def _commented_yaml(cls: type) -> str:
-    """The defaults as YAML, each key followed by its help as a comment."""
-    import dataclasses
-    from typing import get_type_hints
-
-    import yaml
-
-    lines: list[str] = []
-    for section in dataclasses.fields(cls):
-        section_type = get_type_hints(cls)[section.name]
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(section_type):
-            if f.default is not dataclasses.MISSING:
-                value = f.default
-            else:
-                value = f.default_factory()  # type: ignore[misc]
-            dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
-            dumped = dumped[1:-1] if dumped.startswith("{") else dumped
-            doc = f.metadata.get("help", "")
-            lines.append(f"  {dumped}" + (f"  # {doc}" if doc else ""))
-    return "\n".join(lines)

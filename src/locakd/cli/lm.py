@@ -120,13 +120,13 @@ def run_train(args: argparse.Namespace) -> int:
     summary = train_lm(config, command=args.command_name, resume=args.resume,
                        stop_after_steps=args.stop_after_steps)
     if _is_main_process():
-        keys = ("method", "status", "step", "best", "final_model", "teacher_misinstruction", "train_time_s")
+        keys = ("method", "status", "step", "best", "final_model", "teacher_misinstruction", "wall_time_s")
         print(json.dumps({k: summary.get(k) for k in keys} | {"run_dir": config.run.out_dir}))
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..lm.pipeline import run_lm_eval
+    from ..lm.eval_command import run_lm_eval
 
     result = run_lm_eval(args.source, args.overrides, out_dir=args.out, checkpoint=args.checkpoint)
     keys = ("model", "n_examples", "rouge_l_mean", "rouge_l_std", "exact_match_mean", "exact_match_std",

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "locakd.cli.info",
     "locakd.cli.image",
     "locakd.cli.lm",
+    "locakd.cli.show_config",
     "locakd.cli.demo",
 ]
 

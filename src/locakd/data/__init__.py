@@ -13,6 +13,7 @@ from locakd.data.augment import (
     IMAGENET_STD,
     Compose,
     Normalize,
+    SampleGenerators,
     cifar_test_transform,
     cifar_train_transform,
     gaussian_noise,
@@ -30,6 +31,7 @@ from locakd.data.loader import (
     derive_seed,
     epoch_permutation,
     make_loader,
+    sample_seeds,
     shard_indices,
 )
 from locakd.data.mnist1d import load_mnist1d
@@ -50,6 +52,7 @@ __all__ = [
     "IMAGENET_STD",
     "ImageFolderDataset",
     "Normalize",
+    "SampleGenerators",
     "ShardSampler",
     "TensorImageDataset",
     "TrainTransform",
@@ -69,6 +72,7 @@ __all__ = [
     "normalize",
     "random_crop",
     "random_hflip",
+    "sample_seeds",
     "shard_indices",
     "to_float",
 ]

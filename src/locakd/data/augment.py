@@ -1,9 +1,15 @@
 """Vectorised batch augmentation on image tensors ``[N, C, H, W]`` (uint8 or float).
 
-Every random op takes an explicit ``torch.Generator`` so that a loader can derive
-the randomness from ``(seed, epoch, rank, batch)`` and a resumed run reproduces
-exactly. The random numbers are drawn on the generator's device (CPU by default)
-and moved to the images' device, so the ops work on GPU batches too.
+Every random op takes an explicit source of randomness, either
+
+* a ``torch.Generator``: one stream for the whole batch, or
+* :class:`SampleGenerators`: one stream per sample. The loaders use this, seeded from
+  ``(seed, epoch, sample index)``, so a sample's crop, flip and noise do not depend on the batch it
+  lands in: a resumed run reproduces exactly, and 2 processes x 16 samples draw the same
+  augmentations as 1 process x 32.
+
+The random numbers are drawn on the CPU (or the generator's device) and moved to the images'
+device, so the ops work on GPU batches too; the image arithmetic itself stays batched.
 
 Batch transforms used by the loaders have the signature
 ``transform(images, generator) -> tensor``; :func:`cifar_train_transform` and
@@ -21,6 +27,7 @@ from locakd.errors import InputError
 
 __all__ = [
     "BatchTransform",
+    "SampleGenerators",
     "CIFAR10_MEAN",
     "CIFAR10_STD",
     "CIFAR100_MEAN",
@@ -45,7 +52,48 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-BatchTransform = Callable[[torch.Tensor, "torch.Generator | None"], torch.Tensor]
+
+
+class SampleGenerators:
+    """One ``torch.Generator`` per sample of a batch; each draw takes one value (or block) per sample.
+
+    ``SampleGenerators.from_seeds(seeds)`` seeds sample ``i``'s generator with ``seeds[i]``. Draws
+    advance every sample's own stream, so what sample ``i`` gets depends only on its seed and on the
+    ops applied before, never on the other samples of the batch.
+    """
+
+    def __init__(self, generators: Sequence[torch.Generator]):
+        self.generators = list(generators)
+
+    @classmethod
+    def from_seeds(cls, seeds: Sequence[int]) -> SampleGenerators:
+        gens = []
+        for seed in seeds:
+            g = torch.Generator()
+            g.manual_seed(int(seed))
+            gens.append(g)
+        return cls(gens)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randint(self, low: int, high: int) -> torch.Tensor:
+        """int64 ``[N]``: one draw from ``[low, high)`` per sample."""
+        return torch.cat([torch.randint(low, high, (1,), generator=g) for g in self.generators])
+
+    def rand(self) -> torch.Tensor:
+        """float32 ``[N]``: one uniform draw from ``[0, 1)`` per sample."""
+        return torch.cat([torch.rand(1, generator=g) for g in self.generators])
+
+    def randn(self, shape: Sequence[int]) -> torch.Tensor:
+        """float32 ``[N, *shape]``: standard normal draws, one block per sample."""
+        return torch.stack([torch.randn(tuple(shape), generator=g) for g in self.generators])
+
+    def __repr__(self) -> str:
+        return f"SampleGenerators(n={len(self)})"
+
+
+BatchTransform = Callable[[torch.Tensor, "torch.Generator | SampleGenerators | None"], torch.Tensor]
 
 
 def _check_batch(images: torch.Tensor, op: str) -> None:
@@ -59,6 +107,32 @@ def _gen_device(generator: torch.Generator | None) -> torch.device:
     return generator.device if generator is not None else torch.device("cpu")
 
 
+def _per_sample(generator, n: int, op: str) -> bool:
+    if not isinstance(generator, SampleGenerators):
+        return False
+    if len(generator) != n:
+        raise InputError(f"{op}: {len(generator)} sample generators for a batch of {n}")
+    return True
+
+
+def _randint(generator, low: int, high: int, n: int, op: str) -> torch.Tensor:
+    if _per_sample(generator, n, op):
+        return generator.randint(low, high)
+    return torch.randint(low, high, (n,), generator=generator, device=_gen_device(generator))
+
+
+def _rand(generator, n: int, op: str) -> torch.Tensor:
+    if _per_sample(generator, n, op):
+        return generator.rand()
+    return torch.rand(n, generator=generator, device=_gen_device(generator))
+
+
+def _randn(generator, shape: Sequence[int], op: str) -> torch.Tensor:
+    if _per_sample(generator, shape[0], op):
+        return generator.randn(shape[1:])
+    return torch.randn(tuple(shape), generator=generator, device=_gen_device(generator))
+
+
 def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
@@ -70,7 +144,7 @@ def random_crop(
     images: torch.Tensor,
     size: int | Sequence[int] = 32,
     padding: int = 4,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | SampleGenerators | None = None,
 ) -> torch.Tensor:
     """Zero-pad by ``padding`` on every side, then take one random ``size`` crop per sample.
 
@@ -86,22 +160,21 @@ def random_crop(
     if ch > ph or cw > pw or ch <= 0 or cw <= 0:
         raise InputError(f"random_crop: crop {ch}x{cw} does not fit a padded {ph}x{pw} image")
     padded = F.pad(images, (padding, padding, padding, padding)) if padding else images
-    dev = _gen_device(generator)
-    oy = torch.randint(0, ph - ch + 1, (n,), generator=generator, device=dev).to(images.device)
-    ox = torch.randint(0, pw - cw + 1, (n,), generator=generator, device=dev).to(images.device)
+    oy = _randint(generator, 0, ph - ch + 1, n, "random_crop").to(images.device)
+    ox = _randint(generator, 0, pw - cw + 1, n, "random_crop").to(images.device)
     # [N, C, ph-ch+1, pw-cw+1, ch, cw] view of every window (no copy); pick one per sample
     windows = padded.unfold(2, ch, 1).unfold(3, cw, 1)
     return windows[torch.arange(n, device=images.device), :, oy, ox]
 
 
 def random_hflip(
-    images: torch.Tensor, generator: torch.Generator | None = None, p: float = 0.5
+    images: torch.Tensor, generator: torch.Generator | SampleGenerators | None = None, p: float = 0.5
 ) -> torch.Tensor:
     """Flip each sample left-right with probability ``p`` (works for [N, C, H, W] and [N, L])."""
     if not isinstance(images, torch.Tensor) or images.dim() < 2:
         raise InputError("random_hflip: images must be a tensor with a batch and a width dimension")
     n = images.shape[0]
-    mask = torch.rand(n, generator=generator, device=_gen_device(generator)).to(images.device) < p
+    mask = _rand(generator, n, "random_hflip").to(images.device) < p
     mask = mask.view(n, *([1] * (images.dim() - 1)))
     return torch.where(mask, images.flip(-1), images)
 
@@ -138,7 +211,7 @@ class Normalize:
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | SampleGenerators | None = None) -> torch.Tensor:
         return normalize(images, self.mean, self.std)
 
     def __repr__(self) -> str:
@@ -151,7 +224,7 @@ class Compose:
     def __init__(self, transforms: Sequence[BatchTransform]):
         self.transforms = list(transforms)
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | SampleGenerators | None = None) -> torch.Tensor:
         for t in self.transforms:
             images = t(images, generator)
         return images
@@ -164,7 +237,7 @@ class _RandomCrop:
     def __init__(self, size: int | Sequence[int], padding: int):
         self.size, self.padding = size, padding
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | SampleGenerators | None = None) -> torch.Tensor:
         return random_crop(images, self.size, self.padding, generator)
 
     def __repr__(self) -> str:
@@ -175,7 +248,7 @@ class _RandomHFlip:
     def __init__(self, p: float = 0.5):
         self.p = p
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | SampleGenerators | None = None) -> torch.Tensor:
         return random_hflip(images, generator, self.p)
 
     def __repr__(self) -> str:
@@ -186,10 +259,10 @@ class _GaussianNoise:
     def __init__(self, std: float):
         self.std = float(std)
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | SampleGenerators | None = None) -> torch.Tensor:
         x = x if x.is_floating_point() else x.float()
-        noise = torch.randn(x.shape, generator=generator, device=_gen_device(generator), dtype=x.dtype)
-        return x + self.std * noise.to(x.device)
+        noise = _randn(generator, x.shape, "gaussian_noise")
+        return x + self.std * noise.to(device=x.device, dtype=x.dtype)
 
     def __repr__(self) -> str:
         return f"GaussianNoise(std={self.std})"

@@ -9,9 +9,12 @@ Determinism contract (what makes exact resumption possible):
   (by wrapping around) to a multiple of ``world_size`` -- or truncated when
   ``drop_last`` -- and rank ``r`` takes positions ``r, r + world_size, ...``
   (:func:`shard_indices`). All ranks thus see the same number of batches.
-* Augmentation randomness for batch ``b`` comes from a fresh generator seeded
-  with ``derive_seed(seed, epoch, rank, b)``, so skipping the first ``k`` batches
-  (:meth:`BatchLoader.iter_from`) reproduces batches ``k, k+1, ...`` bit for bit.
+* Augmentation randomness of a sample comes from its own generator, seeded from
+  ``(seed, epoch, sample index)`` (:func:`sample_seeds`, the sample index being its
+  index in the dataset), so it depends neither on the batch size nor on the rank
+  split: skipping the first ``k`` batches (:meth:`BatchLoader.iter_from`) reproduces
+  batches ``k, k+1, ...`` bit for bit, and N processes x B samples per batch draw
+  exactly what 1 process x N*B draws (image folders do the same per sample).
 
 :class:`BatchLoader` serves in-memory tensors (CIFAR, MNIST-1D) with vectorised
 batch augmentation; :class:`ShardSampler` gives the same index order to a regular
@@ -27,6 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from locakd.data.augment import SampleGenerators
 from locakd.errors import ConfigError, InputError
 
 __all__ = [
@@ -36,6 +40,7 @@ __all__ = [
     "derive_seed",
     "epoch_permutation",
     "make_loader",
+    "sample_seeds",
     "shard_indices",
 ]
 
@@ -43,6 +48,7 @@ __all__ = [
 _PERM_STREAM = 0x5045524D  # "PERM"
 _AUG_STREAM = 0x41554720  # "AUG "
 _MASK64 = (1 << 64) - 1
+_GOLDEN64 = 0x9E3779B97F4A7C15
 
 
 def derive_seed(*values: int) -> int:
@@ -50,6 +56,24 @@ def derive_seed(*values: int) -> int:
     entropy = [int(v) & _MASK64 for v in values]
     state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
     return ((int(state[0]) << 32) | int(state[1])) & ((1 << 63) - 1)
+
+
+def _splitmix64(x: int) -> int:
+    """The SplitMix64 output function: a bijective 64-bit mix (Steele et al. 2014)."""
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EB & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seeds(seed: int, epoch: int, indices: torch.Tensor | list[int]) -> list[int]:
+    """The augmentation seed of each sample index in ``epoch``: a function of (seed, epoch, index) only.
+
+    One SeedSequence mix per (seed, epoch), then SplitMix64 over the index (a counter-based stream:
+    distinct indices give distinct, well-mixed 63-bit seeds, cheaply).
+    """
+    base = derive_seed(_AUG_STREAM, seed, epoch)
+    values = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
+    return [_splitmix64((base + (int(i) + 1) * _GOLDEN64) & _MASK64) >> 1 for i in values]
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -142,8 +166,9 @@ class TensorImageDataset(Dataset):
 class BatchLoader:
     """Deterministic batch iterator over in-memory tensors with batched augmentation.
 
-    Yields ``(inputs, labels)``: ``inputs = augment(images[idx], generator)`` (or the
-    raw slice when ``augment`` is None), ``labels`` int64. With ``device`` set, the raw
+    Yields ``(inputs, labels)``: ``inputs = augment(images[idx], generators)`` with one
+    generator per sample (:meth:`sample_generators`; the raw slice when ``augment`` is
+    None), ``labels`` int64. With ``device`` set, the raw
     (e.g. uint8) slice is moved there first so that augmentation runs on the device.
 
     Call :meth:`set_epoch` before each epoch (or pass ``epoch``); use
@@ -162,7 +187,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         drop_last: bool = False,
-        augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        augment: Callable[[torch.Tensor, SampleGenerators], torch.Tensor] | None = None,
         device: str | torch.device | None = None,
     ):
         if isinstance(dataset, tuple):
@@ -213,11 +238,9 @@ class BatchLoader:
         m = self.num_samples
         return m // self.batch_size if self.drop_last else math.ceil(m / self.batch_size)
 
-    def batch_generator(self, batch_index: int) -> torch.Generator:
-        """The augmentation generator of batch ``batch_index`` in the current epoch on this rank."""
-        g = torch.Generator()
-        g.manual_seed(derive_seed(_AUG_STREAM, self.seed, self.epoch, self.rank, batch_index))
-        return g
+    def sample_generators(self, indices: torch.Tensor) -> SampleGenerators:
+        """One augmentation generator per sample index, for the current epoch (see :func:`sample_seeds`)."""
+        return SampleGenerators.from_seeds(sample_seeds(self.seed, self.epoch, indices))
 
     def iter_from(self, start_batch: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Iterate the current epoch starting at batch ``start_batch`` (for mid-epoch resume)."""
@@ -232,7 +255,7 @@ class BatchLoader:
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
             if self.augment is not None:
-                x = self.augment(x, self.batch_generator(b))
+                x = self.augment(x, self.sample_generators(sel))
             yield x, y
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -255,7 +278,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     drop_last: bool = False,
-    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    augment: Callable[[torch.Tensor, SampleGenerators], torch.Tensor] | None = None,
     device: str | torch.device | None = None,
 ) -> BatchLoader:
     """Functional constructor for :class:`BatchLoader` (same arguments)."""

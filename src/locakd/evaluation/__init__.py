@@ -1,7 +1,15 @@
-"""Evaluation: top-k accuracy (exact under DDP) and summaries over seeds of finished runs."""
+"""Moved to :mod:`locakd.image.evaluate` and :mod:`locakd.image.summarize`; kept for one release."""
 
-from .metrics import evaluate, topk_correct
-from .summarize import GroupSummary, RunRecord, find_runs, format_table, load_run, mean_std, summarize_runs
+from ..image.evaluate import evaluate, topk_correct
+from ..image.summarize import (
+    GroupSummary,
+    RunRecord,
+    find_runs,
+    format_table,
+    load_run,
+    mean_std,
+    summarize_runs,
+)
 
 __all__ = [
     "GroupSummary",

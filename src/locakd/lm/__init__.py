@@ -2,11 +2,17 @@
 
 Modules (imported explicitly; ``import locakd.lm`` itself loads nothing heavy):
 
+* :mod:`locakd.lm.config` -- the typed experiment config (``locakd show-config lm``).
 * :mod:`locakd.lm.data` -- Dolly-layout records, prompt template, tokenisation with prompt masking,
   collation, the next-token label convention.
-* :mod:`locakd.lm.models` -- loading causal LMs and tokenizers, vocabulary checks / cropping,
-  frozen teacher, tiny GPT-2 configs.
-* :mod:`locakd.lm.tokenizer` -- train a small byte-level BPE tokenizer offline.
+* :mod:`locakd.lm.models` -- loading causal LMs and tokenizers, vocabulary checks, tiny GPT-2 configs.
+* :mod:`locakd.lm.build` -- records, tokenizer, student, teacher, optimizer and schedule from a config.
+* :mod:`locakd.lm.trainer` -- ``lm-sft`` / ``lm-distill``: optimizer step, accumulation, validation (the
+  run lifecycle is :mod:`locakd.engine`'s, the loss :class:`locakd.losses.objectives.LMObjective`).
 * :mod:`locakd.lm.evaluate` -- generation, ROUGE-L, exact match, teacher mis-instruction rate.
-* :mod:`locakd.lm.tasks` -- offline benchmark data (instruction suite, Shakespeare continuation).
+* :mod:`locakd.lm.eval_command` -- ``lm-eval`` on a run directory or a config.
+* :mod:`locakd.lm.fixtures` -- a tiny BPE tokenizer and synthetic instruction data for tests and benchmarks.
+
+``locakd.lm.pipeline``, ``locakd.lm.tokenizer`` and ``locakd.lm.tasks`` re-export the modules they were
+split into, for one release.
 """

@@ -9,7 +9,8 @@ of the wrong type or an unknown method name raises :class:`~locakd.errors.Config
     method: {name: kd+loca, kd_ratio: 0.5, loca_alpha: 0.9, temperature: 1.0, chunk_size: 1024}
     optim:  {lr: 5.0e-4, weight_decay: 0.01, warmup_ratio: 0.0, schedule: cosine, grad_clip: 1.0,
              micro_batch_size: 8, grad_accum_steps: 1, epochs: 10}
-    run:    {seed: 0, device: auto, precision: float32, out_dir: runs/lm, eval_every: 0}
+    run:    {seed: 0, device: auto, precision: float32, out_dir: runs/lm, eval_every: 0}  (shared keys:
+            locakd.config.RunSection)
     eval:   {max_new_tokens: 128, do_sample: true, seeds: [10, 20, 30, 40, 50], select_by: rouge_l}
 
 The defaults follow the MiniLLM KD recipe the LoCa paper builds on (AdamW lr 5e-4, wd 1e-2, cosine,
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import apply_overrides, from_dict, option, read_yaml
+from ..config import RunSection, apply_overrides, from_dict, option, read_yaml
 from ..errors import ConfigError
 from ..losses.token import REGISTRY as DIVERGENCE_REGISTRY
 
@@ -135,19 +136,13 @@ class LMOptimConfig:
 
 
 @dataclass
-class LMRunConfig:
-    seed: int = _help("seed of initialisation, data order and dropout", 0, identity="run")
-    device: str = _help("auto, cpu, cuda, cuda:1, mps", "auto", resume=True, identity="none")
-    precision: Literal["float32", "bfloat16", "float16"] = _help(
-        "student autocast precision (loss math stays float32; float16 needs a GPU)", "float32"
-    )
+class LMRunConfig(RunSection):
+    """The LM pipeline's run section: the shared keys (:class:`~locakd.config.RunSection`) plus steps."""
+
     out_dir: str = _help("run directory", "runs/lm", resume=True, identity="none")
     log_every: int = _help("log training metrics every N optimizer steps", 10, resume=True, identity="none")
     eval_every: int = _help("validate every N optimizer steps (0: at the end of every epoch)", 0, resume=True, identity="run")
     save_every: int = _help("write last.pt every N optimizer steps (0: at every validation)", 0, resume=True, identity="none")
-    progress: bool = _help("show progress bars", True, resume=True, identity="none")
-    tensorboard: bool = _help("write TensorBoard scalars to run_dir/tensorboard", True, resume=True, identity="none")
-    dist_timeout_s: float = _help("timeout of collective operations under torchrun", 1800.0, resume=True, identity="none")
 
 
 @dataclass
@@ -216,7 +211,6 @@ class LMExperimentConfig:
         check(r.log_every >= 1, f"run.log_every must be >= 1, got {r.log_every}")
         check(r.eval_every >= 0, f"run.eval_every must be >= 0, got {r.eval_every}")
         check(r.save_every >= 0, f"run.save_every must be >= 0, got {r.save_every}")
-        check(r.dist_timeout_s > 0, f"run.dist_timeout_s must be > 0, got {r.dist_timeout_s}")
         check(e.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1, got {e.max_new_tokens}")
         check(e.temperature > 0, f"eval.temperature must be > 0, got {e.temperature}")
         check(0.0 < e.top_p <= 1.0, f"eval.top_p must be in (0, 1], got {e.top_p}")

@@ -36,9 +36,7 @@ from typing import Any
 import torch
 
 from locakd.errors import ConfigError, DataError
-
-IGNORE_INDEX = -100
-"""Label value of positions that are not trained (prompt and padding)."""
+from locakd.losses.objectives import IGNORE_INDEX
 
 REQUIRED_FIELDS = ("instruction", "response")
 OPTIONAL_FIELDS = ("context",)

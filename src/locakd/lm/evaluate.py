@@ -25,7 +25,7 @@ from torch import nn
 from locakd.calibration import misinstruction_mask
 from locakd.errors import ConfigError, DataError, InputError
 from locakd.lm.data import IGNORE_INDEX, PromptTemplate, encode_prompt, shift_for_next_token
-from locakd.lm.models import crop_logits
+from locakd.losses.objectives import crop_logits
 
 
 def _model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:

@@ -23,6 +23,7 @@ from torch import nn
 
 from locakd.errors import ConfigError, DataError, InputError
 from locakd.lm.data import looks_like_hub_name
+from locakd.losses.objectives import crop_logits  # noqa: F401  (re-exported)
 from locakd.teachers import FrozenTeacher, freeze_teacher  # noqa: F401  (re-exported)
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -177,16 +178,6 @@ def check_vocab(teacher: nn.Module | None, student: nn.Module, tokenizer: Any, c
             )
         return min(sizes["teacher"], s_size)
     return s_size
-
-
-def crop_logits(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """``logits[..., :vocab_size]`` (a view). Raises InputError when the last dim is smaller."""
-    size = logits.shape[-1]
-    if size < vocab_size:
-        raise InputError(f"cannot crop logits with {size} entries to a vocabulary of {vocab_size}")
-    if size == vocab_size:
-        return logits
-    return logits[..., :vocab_size]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from locakd.config import from_dict
-from locakd.training.image_config import ImageExperimentConfig
+from locakd.image.config import ImageExperimentConfig
 
 SAMPLES = 300  # 240 train / 60 test
 

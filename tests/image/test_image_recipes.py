@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from locakd import models
-from locakd.training.image_config import load_image_config
+from locakd.image.config import load_image_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -10,7 +11,8 @@ import yaml
 from safetensors.torch import load_file
 
 from locakd.cli.main import main
-from locakd.errors import CheckpointError, ConfigError, DataError, InputError
+from locakd.engine.run import SUMMARY_KEYS
+from locakd.errors import CheckpointError, ConfigError, DataError, InputError, NonFiniteLossError
 from locakd.lm.config import LMExperimentConfig, load_lm_config, method_spec
 from locakd.lm.models import create_causal_lm, tiny_gpt2_config
 from locakd.lm.trainer import train_lm
@@ -48,6 +50,7 @@ def test_sft_then_distill_then_eval(lm_env, tmp_path, capsys):
                                  model={"teacher": str(teacher_dir / "best")})
     assert main(["lm-distill", str(kd_cfg)]) == 0
     summary = json.loads((student_dir / "summary.json").read_text())
+    assert set(SUMMARY_KEYS) <= set(summary)  # the keys every pipeline writes
     assert summary["method"] == "kd+loca" and summary["status"] == "finished" and summary["step"] == 4
     mis = summary["teacher_misinstruction"]
     assert 0.0 <= mis["misinstruction_rate"] <= 1.0 and mis["n_tokens"] > 0
@@ -211,6 +214,16 @@ def test_command_and_setting_errors(lm_env, tmp_path):
         load_lm_config(None, ["method.kd_ratio=1.5"])
     with pytest.raises(ConfigError, match="max_prompt_length"):
         load_lm_config(None, ["data.max_length=16", "data.max_prompt_length=32"])
+
+
+def test_a_non_finite_loss_is_a_one_line_error_naming_the_step(lm_env, tmp_path, capsys):
+    cfg = lm_env.write_config(tmp_path / "c.yaml", tmp_path / "run", optim={"lr": 1e30, "grad_clip": None})
+    assert main(["lm-distill", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert re.search(r"error: the training loss term '(ce|kd)' became (nan|inf) at optimizer step \d+", err), err
+    with pytest.raises(NonFiniteLossError):
+        train_lm(_config(lm_env, tmp_path, "api", optim={"lr": 1e30, "grad_clip": None}))
 
 
 def test_bf16_autocast_runs_on_cpu(lm_env, tmp_path):

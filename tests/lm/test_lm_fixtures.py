@@ -10,7 +10,7 @@ import pytest
 
 from locakd.errors import ConfigError, DataError
 from locakd.lm.data import load_instruction_records
-from locakd.lm.tasks import (
+from locakd.lm.fixtures import (
     INSTRUCTION_TASKS,
     WORDS,
     make_instruction_suite,

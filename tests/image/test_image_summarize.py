@@ -11,8 +11,8 @@ import yaml
 
 from locakd.config import to_dict
 from locakd.errors import DataError
-from locakd.evaluation.summarize import find_runs, format_table, load_run, mean_std, summarize_runs
-from locakd.training.image_config import ImageExperimentConfig
+from locakd.image.config import ImageExperimentConfig
+from locakd.image.summarize import find_runs, format_table, load_run, mean_std, summarize_runs
 
 
 def make_run(

@@ -9,8 +9,8 @@ import pytest
 from locakd.config import describe, load_config
 from locakd.distiller import METHODS
 from locakd.errors import ConfigError
-from locakd.training.image_config import ImageExperimentConfig, load_image_config
-from locakd.training.image_trainer import build_lr_lambda
+from locakd.image.config import ImageExperimentConfig, load_image_config
+from locakd.image.trainer import build_lr_lambda
 
 
 def test_defaults_are_the_cifar_kd_recipe():

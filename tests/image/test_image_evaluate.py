@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from locakd.data import BatchLoader, TensorImageDataset
-from locakd.evaluation import evaluate, topk_correct
+from locakd.image.evaluate import evaluate, topk_correct
 
 
 def test_topk_correct_counts():
@@ -51,7 +51,9 @@ def test_sharded_evaluation_counts_each_sample_once(world_size):
     assert totals["count"] == n
     assert totals["top1"] / n == pytest.approx(expected_top1)
     assert totals["top5"] / n == pytest.approx(expected_top5)
-    assert totals["loss"] / n == pytest.approx(expected_loss, rel=1e-6)
+    # float32 per-sample CE (as in F.cross_entropy) summed per shard in float64: the mean of 23 terms
+    # differs by a few ulps of the float32 terms, 8 ulps relative
+    assert totals["loss"] / n == pytest.approx(expected_loss, rel=8 * torch.finfo(torch.float32).eps)
 
 
 def test_evaluate_restores_training_mode():

@@ -3,12 +3,15 @@
 Run it with ``python benchmarks/mnist1d/run_suite.py --out bench_out/mnist1d`` (``--help`` lists
 every option). Nothing is downloaded: MNIST-1D is generated locally, teachers are trained by
 the suite and kept in its output folder. Every run is a call of the project's image trainer
-(:mod:`locakd.training.image_trainer`) with a config built by
-:class:`~locakd.benchmarks.mnist1d.Mnist1dSetting`; the suite only schedules and aggregates.
+(:mod:`locakd.image.trainer`) with a config built by
+:class:`~locakd.experiments.mnist1d.Mnist1dSetting`, scheduled by
+:func:`~locakd.experiments.runner.run_specs`; this program only plans the runs and aggregates
+them. It is not part of the library and uses only public names of ``locakd``.
 
 Parts (all in the regime of :data:`MAIN_SETTING` unless stated):
 
-1. **main**: for every pair in :data:`PAIRS`, every method variant of :data:`VARIANTS` over
+1. **main**: for every pair in :data:`PAIRS`, every method variant of :data:`VARIANTS` (every
+   method of :data:`locakd.distiller.METHODS`, the LoCa ones at one or two alphas) over
    seeds 0..N-1. A seed fixes the student's initial weights, data order and input noise,
    identically for every method, so methods are compared **paired by seed**; the CE runs of
    one student are shared by the pairs that have that student.
@@ -31,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -39,10 +41,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError, LocakdError
-from .mnist1d import Mnist1dSetting, model_name, short_model
-from .runner import RunResult, RunSpec, run_specs
-from .stats import mean_std, paired_ci
+from locakd.distiller import LOCA_METHODS, METHODS
+from locakd.engine.io import atomic_write_text
+from locakd.errors import ConfigError, LocakdError
+from locakd.experiments.machine import cpu_seconds, load_average, machine_info
+from locakd.experiments.mnist1d import (
+    DEFAULT_SETTING,
+    KD_FAMILY,
+    QUICK_SETTING,
+    Mnist1dSetting,
+    model_name,
+    short_model,
+    uncalibrated_method,
+)
+from locakd.experiments.plots import accuracy_bar_chart, alpha_sweep_plot
+from locakd.experiments.runner import RunResult, RunSpec, default_workers, finished_results, run_specs
+from locakd.experiments.stats import mean_std, paired_by_seed
 
 __all__ = [
     "MAIN_SETTING",
@@ -85,31 +99,47 @@ class Variant:
     alpha: float | None = None
 
 
-VARIANTS: tuple[Variant, ...] = (
-    Variant("ce", "ce"),
-    Variant("kd", "kd"),
-    Variant("kd+loca@0.9", "kd+loca", 0.9),
-    Variant("kd+loca@0.95", "kd+loca", 0.95),
-    Variant("dkd", "dkd"),
-    Variant("dkd+loca@0.9", "dkd+loca", 0.9),
-    Variant("ka_shift", "ka_shift"),
-    Variant("ka_smooth", "ka_smooth"),
-    Variant("skip", "skip"),
-)
+MAIN_SETTING = DEFAULT_SETTING
 SWEEP_ALPHAS = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)
-MAIN_SETTING = Mnist1dSetting()
-QUICK_SETTING = Mnist1dSetting(samples=600, epochs=3, teacher_epochs=3, dkd_warmup=1)
 GRID_SEED_BASE = 100
-# Paired comparisons reported per pair: (a, b) means "a - b".
-COMPARISONS = (
-    ("kd+loca@0.9", "kd"),
-    ("kd+loca@0.95", "kd"),
-    ("dkd+loca@0.9", "dkd"),
-    ("kd", "ce"),
-    ("dkd", "ce"),
-    ("kd+loca@0.9", "ka_shift"),
-    ("kd+loca@0.9", "skip"),
-)
+# LoCa alphas of the main comparison: the setting's alpha for every LoCa method, and 0.95 too
+# for the KD-family one (the neighbour of 0.9 in the sweep, paired on every pair).
+MAIN_ALPHAS = {"kd_family": (MAIN_SETTING.loca_alpha, 0.95), "dkd_family": (MAIN_SETTING.loca_alpha,)}
+# KD-family baselines that KD+LoCa is compared with head to head on every pair.
+HEAD_TO_HEAD = ("ka_shift", "skip")
+
+
+def _variants() -> tuple[Variant, ...]:
+    """Every method of the Distiller, in its order; LoCa methods once per alpha of :data:`MAIN_ALPHAS`."""
+    out = []
+    for method in METHODS:
+        if method not in LOCA_METHODS:
+            out.append(Variant(method, method))
+            continue
+        alphas = MAIN_ALPHAS["kd_family" if method in KD_FAMILY else "dkd_family"]
+        out += [Variant(f"{method}@{a:g}", method, a) for a in alphas]
+    return tuple(out)
+
+
+VARIANTS: tuple[Variant, ...] = _variants()
+
+
+def _comparisons() -> tuple[tuple[str, str], ...]:
+    """Paired comparisons reported per pair, ``(a, b)`` meaning "a - b".
+
+    Every LoCa variant against the method it calibrates, those methods against CE, and the
+    main KD+LoCa variant against :data:`HEAD_TO_HEAD`.
+    """
+    loca = [v for v in VARIANTS if v.method in LOCA_METHODS]
+    main_kd_loca = next(v.name for v in loca if v.method in KD_FAMILY and v.alpha == MAIN_SETTING.loca_alpha)
+    return (
+        *((v.name, uncalibrated_method(v.method)) for v in loca),
+        *((uncalibrated_method(m), "ce") for m in LOCA_METHODS),
+        *((main_kd_loca, baseline) for baseline in HEAD_TO_HEAD if baseline in KD_FAMILY),
+    )
+
+
+COMPARISONS: tuple[tuple[str, str], ...] = _comparisons()
 
 
 # --------------------------------------------------------------------------- planning
@@ -164,9 +194,7 @@ class _Builder:
     ) -> str:
         teacher, student = short_model(model_name(teacher)), short_model(model_name(student))
         t_spec = None if method == "ce" else self.teacher(setting, teacher)
-        alpha = (
-            (setting.loca_alpha if alpha is None else alpha) if method in ("kd+loca", "dkd+loca") else None
-        )
+        alpha = (setting.loca_alpha if alpha is None else alpha) if method in LOCA_METHODS else None
         name = method.replace("+", "_") + (f"_a{alpha:g}" if alpha is not None else "")
         who = student if method == "ce" else f"{teacher}-{student}"
         key = f"runs/{who}/{name}/{setting.run_digest(method)}/seed{seed}"
@@ -339,10 +367,7 @@ def build_plan(
 
 def _metric(results: dict[str, RunResult], key: str, metric: str) -> float | None:
     r = results.get(key)
-    if r is None or not r.ok or r.summary is None:
-        return None
-    value = r.summary.get(metric)
-    return None if value is None else float(value)
+    return None if r is None else r.metric(metric)
 
 
 def _stats(results, keys: dict[int, str], metric: str) -> dict[str, Any]:
@@ -355,12 +380,7 @@ def _stats(results, keys: dict[int, str], metric: str) -> dict[str, Any]:
 def _paired(results, a: dict[int, str], b: dict[int, str], metric: str) -> dict[str, Any] | None:
     va = {s: _metric(results, k, metric) for s, k in a.items()}
     vb = {s: _metric(results, k, metric) for s, k in b.items()}
-    common = sorted(s for s in set(va) & set(vb) if va[s] is not None and vb[s] is not None)
-    if not common:
-        return None
-    ci = paired_ci([va[s] for s in common], [vb[s] for s in common])
-    ci["seeds"] = common
-    return ci
+    return paired_by_seed(va, vb)
 
 
 def _teacher_info(results, teacher_key: str, student_runs: list[str]) -> dict[str, Any]:
@@ -582,8 +602,6 @@ def format_tables(agg: dict[str, Any], n_seeds: int) -> str:
 
 
 def _plots(plan: SuitePlan, agg: dict[str, Any]) -> dict[str, str]:
-    from .plots import accuracy_bar_chart, alpha_sweep_plot
-
     made: dict[str, str] = {}
     for p, e in agg.get("pairs", {}).items():
         names = [v for v in e["variants"] if e["variants"][v]["best"]["n"] > 0]
@@ -627,22 +645,15 @@ def run_suite(
     argv: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Run (or, with ``train=False``, only read) every run of ``plan``; write results.json, tables.md, plots."""
-    from ..demo import _cpu_seconds, machine_info
-    from .runner import _read_summary
-
     plan.out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
-    t0, cpu0 = time.time(), _cpu_seconds()
+    t0, cpu0 = time.time(), cpu_seconds()
     specs = list(plan.specs.values())
     if train:
         results = run_specs(specs, workers=workers, progress=progress, desc="mnist1d suite")
     else:
-        results = {}
-        for s in specs:
-            summary = _read_summary(s)
-            if summary is not None:
-                results[s.key] = RunResult(s.key, "skipped", summary, 0.0, meta=s.meta)
-    wall, cpu = time.time() - t0, _cpu_seconds() - cpu0
+        results = finished_results(specs)
+    wall, cpu = time.time() - t0, cpu_seconds() - cpu0
     agg = aggregate(plan, results)
     statuses: dict[str, int] = {}
     for r in results.values():
@@ -666,7 +677,7 @@ def run_suite(
         "sum_of_run_wall_times_s": train_time,
         "workers": workers,
         "machine": info,
-        "load_average_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "load_average_end": load_average(),
         **agg,
     }
     report["report_only"] = not train
@@ -696,8 +707,6 @@ def run_suite(
             timing = report
     report["plots"] = _plots(plan, agg)
     tables = format_tables(agg, len(plan.seeds))
-    from ..training.checkpoint import atomic_write_text
-
     atomic_write_text(plan.out / "results.json", json.dumps(report, indent=2, default=_json_default) + "\n")
     t_machine = timing.get("machine") or info
     load = timing.get("load_average_end")
@@ -773,7 +782,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: 600 samples, 3 epochs, 2 seeds, 1 grid seed and a reduced grid; writes into OUT/quick "
+        help=f"smoke test: {QUICK_SETTING.samples} samples, {QUICK_SETTING.epochs} epochs, 2 seeds, 1 grid seed "
+        "and a reduced grid; writes into OUT/quick "
         "(checks that everything runs; the numbers mean nothing)",
     )
     parser.add_argument(
@@ -789,7 +799,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--alphas",
         default=",".join(f"{a:g}" for a in SWEEP_ALPHAS),
-        help="comma-separated alphas of the sweep (default: 0.5,0.7,0.8,0.9,0.95,0.99)",
+        help=f"comma-separated alphas of the sweep (default: {','.join(f'{a:g}' for a in SWEEP_ALPHAS)})",
     )
     parser.add_argument("--no-sweep", action="store_true", help="skip the alpha sweep")
     parser.add_argument(
@@ -837,12 +847,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             grid_seeds=grid_seeds,
             device=args.device,
         )
-        workers = args.workers
-        if workers is None:
-            try:
-                workers = max(1, min(2, len(os.sched_getaffinity(0))))
-            except AttributeError:  # pragma: no cover
-                workers = max(1, min(2, os.cpu_count() or 1))
+        workers = args.workers if args.workers is not None else default_workers()
         print(
             f"MNIST-1D suite: {len(plan.specs)} runs ({len(plan.main)} pairs x {len(plan.seeds)} seeds"
             f"{', alpha sweep' if plan.sweep else ''}{', KD-regime grid' if plan.grid else ''}), "
@@ -867,3 +872,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{n_failed} runs failed; see results.json 'failed' and each run's train.log", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

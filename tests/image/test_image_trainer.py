@@ -8,15 +8,16 @@ import shutil
 import pytest
 import torch
 import yaml
-from train_helpers import tiny_config
+from image_helpers import tiny_config
 
 from locakd.config import from_dict, to_dict
 from locakd.distiller import METHODS
-from locakd.errors import CheckpointError, ConfigError, DataError
-from locakd.training.checkpoint import load_checkpoint
-from locakd.training.image_config import ImageExperimentConfig
-from locakd.training.image_trainer import CHECKPOINT_FORMAT, distill, train_teacher
-from locakd.training.run_dir import read_metrics
+from locakd.engine.io import load_checkpoint
+from locakd.engine.logging import read_metrics
+from locakd.engine.run import SUMMARY_KEYS
+from locakd.errors import CheckpointError, ConfigError, DataError, LocakdError, NonFiniteLossError
+from locakd.image.config import ImageExperimentConfig
+from locakd.image.trainer import CHECKPOINT_FORMAT, distill, train_teacher
 
 VOLATILE = {"time", "epoch_time_s", "wall_time_s", "run_dir"}
 
@@ -35,7 +36,8 @@ def test_teacher_run_writes_everything(teacher_run):
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "best.pt", "last.pt"):
         assert (teacher_run / name).is_file(), name
     summary = _summary(teacher_run)
-    assert summary["mode"] == "train-teacher" and summary["teacher_top1"] is None
+    assert set(SUMMARY_KEYS) <= set(summary)  # the keys every pipeline writes
+    assert summary["command"] == "train-teacher" and summary["teacher_top1"] is None
     assert summary["misinstruction_rate"] is None
     assert summary["best_top1"] >= summary["last_top1"] and summary["last_epoch"] == 3
     ckpt = load_checkpoint(teacher_run / "last.pt")
@@ -261,6 +263,20 @@ def test_model_that_does_not_fit_the_data(tmp_path, mnist_root):
         ConfigError, match="student.name='resnet8' cannot take mnist1d inputs of shape \\(40,\\)"
     ):
         train_teacher(cfg)
+
+
+def test_sync_batchnorm_off_cuda_is_a_config_error_naming_the_key(tmp_path, mnist_root):
+    cfg = tiny_config(mnist_root, tmp_path / "r", student="mnist1d_cnn_8", run={"sync_batchnorm": True})
+    with pytest.raises(ConfigError, match="config key 'run.sync_batchnorm' needs CUDA devices"):
+        train_teacher(cfg)
+    assert not (tmp_path / "r" / "last.pt").exists()
+
+
+def test_a_non_finite_loss_names_the_term_and_the_step(tmp_path, mnist_root):
+    cfg = tiny_config(mnist_root, tmp_path / "r", optim={"lr": 1e30, "milestones": [2]})
+    with pytest.raises(NonFiniteLossError, match=r"term 'ce' became (nan|inf) at step 2 of epoch 1") as info:
+        train_teacher(cfg)
+    assert isinstance(info.value, LocakdError) and not (tmp_path / "r" / "last.pt").exists()
 
 
 def test_float16_on_cpu_is_refused(tmp_path, mnist_root):

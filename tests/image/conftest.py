@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from train_helpers import one_thread, tiny_config
+from image_helpers import one_thread, tiny_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -23,7 +23,7 @@ def mnist_root(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def teacher_run(tmp_path_factory, mnist_root) -> Path:
     """A briefly trained MNIST-1D CNN teacher run folder (best.pt, last.pt, summary.json)."""
-    from locakd.training.image_trainer import train_teacher
+    from locakd.image.trainer import train_teacher
 
     out = tmp_path_factory.mktemp("teacher") / "run"
     cfg = tiny_config(mnist_root, out, student="mnist1d_cnn_16", method="ce", epochs=3)
