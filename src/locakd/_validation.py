@@ -20,6 +20,9 @@ def compute_dtype(tensor: torch.Tensor) -> torch.dtype:
 
 
 def check_logits(name: str, logits: torch.Tensor, *, check_finite: bool = True, min_classes: int = 2) -> None:
+    """Type, dtype and shape from the metadata; with ``check_finite`` also a pass for NaN/+inf
+    (-inf is a legitimate mask value). The losses check finiteness from values they compute
+    anyway and call this with ``check_finite=True`` only to name the culprit."""
     if not isinstance(logits, torch.Tensor):
         raise InputError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
@@ -50,16 +53,18 @@ def check_labels(
             f"{tuple(logits.shape)} (expected labels of shape {tuple(logits.shape[:-1])})"
         )
     num_classes = logits.shape[-1]
-    valid = labels != ignore_index
-    if bool(valid.any()):
-        used = labels[valid]
-        low, high = int(used.min()), int(used.max())
-        if low < 0 or high >= num_classes:
-            bad = low if low < 0 else high
-            raise InputError(
-                f"label {bad} is out of range for {num_classes} classes "
-                f"(valid labels are 0..{num_classes - 1}, or ignore_index={ignore_index})"
-            )
+    if labels.numel() == 0:
+        return
+    # min and max of the [N] labels with ignored rows mapped to 0: one pass, one host sync
+    used = torch.where(labels != ignore_index, labels, torch.zeros((), dtype=labels.dtype, device=labels.device))
+    low, high = torch.aminmax(used)
+    low, high = torch.stack([low, high]).tolist()
+    if low < 0 or high >= num_classes:
+        bad = low if low < 0 else high
+        raise InputError(
+            f"label {bad} is out of range for {num_classes} classes "
+            f"(valid labels are 0..{num_classes - 1}, or ignore_index={ignore_index})"
+        )
 
 
 def check_same_shape(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:

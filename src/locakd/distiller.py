@@ -61,7 +61,7 @@ KD_METHODS: tuple[str, ...] = tuple(_KD_TRANSFORMS)
 DKD_METHODS: tuple[str, ...] = tuple(_DKD_TRANSFORMS)
 METHODS: tuple[str, ...] = ("ce", *KD_METHODS, *DKD_METHODS)
 LOCA_METHODS: tuple[str, ...] = tuple(
-    method for method, name in {**_KD_TRANSFORMS, **_DKD_TRANSFORMS}.items() if name == "loca"
+    method for method, name in {**_KD_TRANSFORMS, **_DKD_TRANSFORMS}.items() if TRANSFORMS[name].loca
 )
 MethodName = Literal[METHODS]  # type: ignore[valid-type]  # built from the registry; get_args works
 
@@ -119,10 +119,10 @@ class Distiller(nn.Module):
             raise ConfigError(f"unknown distillation method {method!r}; choose one of {', '.join(METHODS)}")
         if teacher is None and method != "ce":
             raise ConfigError(f"method {method!r} needs a teacher model")
-        if (calibrate_correct or calibrate_before_temperature) and _KD_TRANSFORMS.get(method) != "loca":
+        loca_kd = [m for m, name in _KD_TRANSFORMS.items() if TRANSFORMS[name].loca]
+        if (calibrate_correct or calibrate_before_temperature) and method not in loca_kd:
             raise ConfigError(
-                "calibrate_correct / calibrate_before_temperature apply to method "
-                f"{TRANSFORMS['loca'].kd_method} only"
+                f"calibrate_correct / calibrate_before_temperature apply to method {' / '.join(loca_kd)} only"
             )
         self.student = student
         self.teacher = FrozenTeacher(teacher) if teacher is not None else None
@@ -178,7 +178,7 @@ class Distiller(nn.Module):
                 alpha=self.dkd_alpha,
                 beta=self.dkd_beta,
                 temperature=self.temperature,
-                loca_alpha=self.loca_alpha if transform == "loca" else None,
+                loca_alpha=self.loca_alpha if TRANSFORMS[transform].loca else None,
                 target_transform=transform,
                 smoothing=self.smoothing,
                 standardize=self.standardize,
@@ -191,7 +191,7 @@ class Distiller(nn.Module):
                 teacher_logits,
                 self.temperature,
                 labels,
-                loca_alpha=self.loca_alpha if transform == "loca" else None,
+                loca_alpha=self.loca_alpha if TRANSFORMS[transform].loca else None,
                 target_transform=transform,
                 smoothing=self.smoothing,
                 standardize=self.standardize,

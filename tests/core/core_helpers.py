@@ -36,17 +36,17 @@ def rounding(magnitude: float, *, eps: float = EPS32, terms: int = 1) -> float:
     return ULPS * eps * magnitude * math.sqrt(max(terms, 1))
 
 
-def loss_atol(zmax: float, scale: float = 1.0) -> float:
+def loss_atol(zmax: float, scale: float = 1.0, *, eps: float = EPS32) -> float:
     """Absolute float32 error of a loss built from log-probs bounded by ``zmax``: ULPS ulps of
     (1 + zmax) per row (probabilities are <= 1, log-probs <= zmax), times ``scale`` (T^2, the
-    number of summed rows, the loss weights)."""
-    return scale * rounding(1.0 + zmax)
+    number of summed rows, the loss weights). ``eps``: float64 computations use EPS64."""
+    return scale * rounding(1.0 + zmax, eps=eps)
 
 
-def grad_atol(zmax: float, natural: float) -> float:
+def grad_atol(zmax: float, natural: float, *, eps: float = EPS32) -> float:
     """Absolute float32 error of a softmax gradient whose entries are at most ``natural`` in size
     (e.g. 2 / (T * rows) for a token-loss mean): the log-prob rounding relative to that size."""
-    return natural * rounding(1.0 + zmax)
+    return natural * rounding(1.0 + zmax, eps=eps)
 
 
 @dataclass

@@ -194,16 +194,22 @@ def kl64(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     p = torch.exp(log_p)
     positive = p > 0
     safe_log_p = torch.where(positive, log_p, torch.zeros_like(log_p))
-    return torch.where(positive, p * (safe_log_p - log_q), torch.zeros_like(p)).sum(-1)
+    safe_log_q = torch.where(positive, log_q, torch.zeros_like(log_q))  # no NaN in the unused branch's gradient
+    return torch.where(positive, p * (safe_log_p - safe_log_q), torch.zeros_like(p)).sum(-1)
 
 
 def _log_mix(log_a, log_b, w):
-    """log(w a + (1 - w) b)."""
-    return torch.log(w * torch.exp(log_a) + (1 - w) * torch.exp(log_b))
+    """log(w a + (1 - w) b), as a log-sum-exp so that two zero entries give a finite log."""
+    return torch.logaddexp(log_a + math.log(w), log_b + math.log1p(-w))
 
 
 def divergence64(name, log_p, log_q, jsd_beta=0.5, skew_lambda=0.1):
-    """Per-row divergence, p = teacher target, q = student (method doc, 'Language models')."""
+    """Per-row divergence, p = teacher target, q = student (method doc, 'Language models').
+
+    A masked class (log-prob -inf) is given the log-prob -1e300 instead: its probability is still
+    exactly 0 in float64, but differences and mixtures of two masked entries stay finite, so the
+    float64 gradient has no NaN (its value is 0 there)."""
+    log_p, log_q = log_p.clamp(min=-1e300), log_q.clamp(min=-1e300)
     if name == "forward_kl":
         return kl64(log_p, log_q)
     if name == "reverse_kl":

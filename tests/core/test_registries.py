@@ -38,8 +38,8 @@ class Loss:
 
 
 def _transform_losses():
-    for name in TRANSFORMS:
-        alpha = 0.9 if name == "loca" else None
+    for name, entry in TRANSFORMS.items():
+        alpha = 0.9 if entry.loca else None
         yield Loss(
             f"kd[{name}]",
             lambda s, t, y, name=name, alpha=alpha, **kw: locakd.kd_loss(
@@ -93,8 +93,8 @@ def test_distiller_method_names_come_from_the_transform_registry():
     assert distiller.KD_METHODS == kd and distiller.DKD_METHODS == dkd
     assert distiller.METHODS == ("ce", *kd, *dkd)
     assert get_args(distiller.MethodName) == distiller.METHODS
-    loca = TRANSFORMS["loca"]
-    assert set(distiller.LOCA_METHODS) == {loca.kd_method, loca.dkd_method}
+    loca = [entry for entry in TRANSFORMS.values() if entry.loca]
+    assert set(distiller.LOCA_METHODS) == {m for e in loca for m in (e.kd_method, e.dkd_method) if m}
     assert len(set(distiller.METHODS)) == len(distiller.METHODS)
     assert TARGET_TRANSFORMS == tuple(TRANSFORMS) and locakd.TARGET_TRANSFORMS == TARGET_TRANSFORMS
 

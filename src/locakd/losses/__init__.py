@@ -8,6 +8,7 @@ transforms: none, loca, ka_shift, ka_smooth, skip) and :data:`~locakd.losses.tok
 from ._common import kl_rows
 from .dkd import KDDecomposition, decompose_kd, dkd_loss
 from .kd import kd_loss
+from .linear import LinearTerms, linear_distill_objective, linear_token_distill_loss
 from .targets import TARGET_TRANSFORMS, TRANSFORMS, TargetTransform, standardize_logits, teacher_log_target
 from .token import (
     DIVERGENCES,
@@ -32,6 +33,7 @@ __all__ = [
     "TRANSFORMS",
     "Divergence",
     "KDDecomposition",
+    "LinearTerms",
     "TargetTransform",
     "decompose_kd",
     "divergence_rows",
@@ -41,6 +43,8 @@ __all__ = [
     "jsd_loss",
     "kd_loss",
     "kl_rows",
+    "linear_distill_objective",
+    "linear_token_distill_loss",
     "reverse_kl_loss",
     "shift_for_next_token",
     "skew_forward_kl_loss",

@@ -45,6 +45,11 @@ def check_normalizer(normalizer: float | torch.Tensor | None) -> None:
         raise InputError(f"normalizer must be > 0, got {normalizer}")
 
 
+def check_chunk_size(chunk_size: int | None) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise InputError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+
+
 def reduce_rows(
     per_row: torch.Tensor,
     valid: torch.Tensor | None,
@@ -72,10 +77,14 @@ def validate_pair(
     teacher_logits: torch.Tensor,
     labels: torch.Tensor | None,
     ignore_index: int,
+    *,
+    finite: bool = True,
 ) -> None:
-    """Type, shape, dtype, NaN/+inf and label-range checks of a (student, teacher, labels) triple."""
-    check_logits("student_logits", student_logits)
-    check_logits("teacher_logits", teacher_logits)
+    """Type, shape, dtype and label-range checks of a (student, teacher, labels) triple, all on
+    metadata and the [N] labels; with ``finite`` also a NaN/+inf pass over both logits (the fused
+    losses leave it out: they detect non-finite input from the loss rows they compute)."""
+    check_logits("student_logits", student_logits, check_finite=finite)
+    check_logits("teacher_logits", teacher_logits, check_finite=finite)
     check_same_shape(student_logits, teacher_logits)
     if labels is not None:
         check_labels(labels, teacher_logits, ignore_index)

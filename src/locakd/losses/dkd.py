@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .._validation import check_temperature
+from .._validation import check_logits, check_temperature
 from ..errors import InputError
 from ._common import floor_log_probs, reduce_rows, tempered_log_probs, validate_pair
 from .targets import resolve_transform
@@ -93,7 +93,10 @@ def dkd_loss(
     if validate:
         if labels is None:
             raise InputError("dkd_loss needs labels (DKD splits the target class from the rest)")
-        validate_pair(student_logits, teacher_logits, labels, ignore_index)
+        validate_pair(student_logits, teacher_logits, labels, ignore_index, finite=False)
+        if not transform.fused:
+            # a baseline replaces mis-instructed target rows, which could hide a NaN teacher row
+            check_logits("teacher_logits", teacher_logits)
         temperature = check_temperature(temperature)
         for name, value in (("alpha", alpha), ("beta", beta)):
             if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
@@ -111,6 +114,9 @@ def dkd_loss(
     )
     parts = decompose_kd(log_student, log_target, labels, ignore_index)
     per_row = (alpha * parts.tckd + beta * parts.nckd) * (temperature**2)
+    if validate and not bool(torch.isfinite(per_row).all()):
+        # NaN/+inf input shows in the rows (ignored ones included): only now look for the culprit
+        validate_pair(student_logits, teacher_logits, labels, ignore_index)
     if row_weight is not None:
         per_row = per_row * row_weight
     return reduce_rows(per_row, labels != ignore_index, reduction, normalizer)

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_temperature
-from ._common import kl_rows, reduce_rows, tempered_log_probs, validate_pair
-from .targets import resolve_transform
+from .._validation import check_alpha, check_logits, check_temperature, compute_dtype
+from ..errors import InputError
+from ._common import check_normalizer, check_reduction, validate_pair
+from ._fused import RowsPlan, fused_rows
+from .targets import TargetOptions, resolve_transform, standardize_logits
+from .token import REGISTRY, DivergenceOptions
+
+_FORWARD_KL = REGISTRY["forward_kl"]
 
 
 def kd_loss(
@@ -48,27 +53,70 @@ def kd_loss(
             or ``"none"`` (per-row losses, 0 on ignored rows).
         normalizer: divide the summed loss by this instead of the local number of valid rows
             (e.g. the valid-row count of a whole accumulated, all-rank batch).
-        validate: check the inputs (shapes, dtypes, label range, NaN) first.
+        validate: check shapes, dtypes and the label range first (metadata and the [N] labels
+            only); NaN/+inf in the logits is detected from the loss rows the kernel computes
+            anyway, then diagnosed precisely, so the check adds no pass over the logits.
+
+    The loss and its gradient are computed together in the forward pass (see
+    :mod:`locakd.losses._fused`); the backward only scales the stored gradient, so a second
+    backward through the same graph raises.
     """
-    transform = resolve_transform(target_transform, loca_alpha)
+    entry = resolve_transform(target_transform, loca_alpha)
+    check_reduction(reduction)
     if validate:
-        validate_pair(student_logits, teacher_logits, labels, ignore_index)
+        validate_pair(student_logits, teacher_logits, labels, ignore_index, finite=False)
         temperature = check_temperature(temperature)
-    log_student, log_target, row_weight = tempered_log_probs(
-        student_logits,
-        teacher_logits,
-        labels,
-        temperature,
-        transform=transform,
-        loca_alpha=loca_alpha,
-        smoothing=smoothing,
+    if reduction == "mean":
+        check_normalizer(normalizer)
+    if entry.needs_labels and labels is None:
+        raise InputError(f"target_transform {entry.name!r} needs labels")
+    classes = student_logits.shape[-1]
+    student = student_logits.reshape(-1, classes)
+    teacher = teacher_logits.detach().reshape(-1, classes)
+    flat_labels = None if labels is None else labels.reshape(-1)
+    if standardize:
+        student = standardize_logits(student)
+        teacher = standardize_logits(teacher)
+    row_weight = None
+    if entry.fused and not (calibrate_correct or calibrate_before_temperature):
+        # plain or LoCa target: built block by block inside the kernel from the teacher logits
+        alpha = check_alpha(0.9 if loca_alpha is None else loca_alpha, "loca_alpha") if entry.loca else None
+        plan_target, loca = "logits", alpha
+    else:  # a baseline transform or a LoCa ablation: the log-target first, then the same kernel
+        if validate:  # a replaced target row could hide a NaN teacher row: check the teacher itself
+            check_logits("teacher_logits", teacher_logits)
+        options = TargetOptions(
+            temperature=temperature,
+            ignore_index=ignore_index,
+            loca_alpha=loca_alpha,
+            smoothing=smoothing,
+            calibrate_correct=calibrate_correct,
+            calibrate_before_temperature=calibrate_before_temperature,
+        )
+        with torch.no_grad():
+            teacher, row_weight = entry(teacher.to(compute_dtype(teacher)), flat_labels, options)
+        plan_target, loca = "log_probs", None
+    plan = RowsPlan(
+        divergence=_FORWARD_KL,
+        options=DivergenceOptions(),
+        temperature=temperature,
+        loca_alpha=loca,
         ignore_index=ignore_index,
-        standardize=standardize,
-        calibrate_correct=calibrate_correct,
-        calibrate_before_temperature=calibrate_before_temperature,
+        target=plan_target,
+        per_row=reduction == "none",
+        validate=validate,
     )
-    per_row = kl_rows(log_target, log_student) * (temperature**2)
-    if row_weight is not None:
-        per_row = per_row * row_weight
-    valid = None if labels is None else labels != ignore_index
-    return reduce_rows(per_row, valid, reduction, normalizer)
+    scale, divide_by = temperature**2, None
+    if reduction == "mean":
+        if normalizer is None:
+            count = student.shape[0] if flat_labels is None else int((flat_labels != ignore_index).sum())
+            scale /= max(count, 1)
+        elif isinstance(normalizer, torch.Tensor):
+            divide_by = normalizer  # a tensor stays a tensor (no host sync): divided by autograd
+        else:
+            scale /= float(normalizer)
+    checked = (("student_logits", student_logits), ("teacher_logits", teacher_logits))
+    result = fused_rows(student, teacher, flat_labels, plan, scale=scale, row_coef=row_weight, checked=checked)
+    if reduction == "none":
+        return result.reshape(student_logits.shape[:-1])
+    return result if divide_by is None else result / divide_by

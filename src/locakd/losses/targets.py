@@ -60,6 +60,8 @@ class TargetTransform:
     dkd_method: str | None  # Distiller method: DKD with this target (None: not offered as a method)
     needs_labels: bool
     summary: str
+    loca: bool = False  # the target is LoCa-calibrated (with loca_alpha)
+    fused: bool = False  # the fused kernels build it from teacher logits block by block (no [N, C] target)
 
     def __call__(self, logits, labels, options):
         return self.function(logits, labels, options)
@@ -127,8 +129,10 @@ def _skip(logits, labels, options):
 TRANSFORMS: dict[str, TargetTransform] = {
     entry.name: entry
     for entry in (
-        TargetTransform("none", _plain, "kd", "dkd", False, "softmax(z_t / T)"),
-        TargetTransform("loca", _loca, "kd+loca", "dkd+loca", True, "LoCa-calibrated softmax(z_t / T)"),
+        TargetTransform("none", _plain, "kd", "dkd", False, "softmax(z_t / T)", fused=True),
+        TargetTransform(
+            "loca", _loca, "kd+loca", "dkd+loca", True, "LoCa-calibrated softmax(z_t / T)", loca=True, fused=True
+        ),
         TargetTransform("ka_shift", _ka_shift, "ka_shift", None, True, "swap p_gt and p_top on mis-instructed rows"),
         TargetTransform(
             "ka_smooth", _ka_smooth, "ka_smooth", None, True, "label-smoothed one-hot on mis-instructed rows"
@@ -148,7 +152,7 @@ def resolve_transform(target_transform: str | None, loca_alpha: float | None) ->
         raise InputError(
             f"unknown target_transform {target_transform!r}; choose one of {', '.join(TARGET_TRANSFORMS)}"
         )
-    if entry.name != "loca" and loca_alpha is not None:
+    if not entry.loca and loca_alpha is not None:
         raise InputError(
             f"loca_alpha={loca_alpha} was given with target_transform={target_transform!r}; "
             "LoCa is its own transform: pass target_transform='loca' (or leave it unset)"
