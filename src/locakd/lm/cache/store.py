@@ -246,7 +246,10 @@ class TeacherCacheWriter:
         payload = save(
             {"rows": rows, "example_offsets": offsets, "label_outside_rows": outside_rows,
              "label_outside_codes": outside_codes.astype(np.int32)},
-            metadata={"format": FORMAT, "shard": str(shard), "examples": f"{examples.start},{examples.stop}"},
+            # One metadata key: safetensors writes a map's keys in no fixed order, and shards must be
+            # reproducible byte for byte (a resumed capture equals an uninterrupted one).
+            metadata={"locakd": json.dumps({"format": FORMAT, "shard": shard,
+                                            "examples": [examples.start, examples.stop]}, sort_keys=True)},
         )
         name = _shard_name(shard)
         _atomic_write_bytes(self.directory / SHARD_DIR / f"{name}.safetensors", payload)
