@@ -244,8 +244,8 @@ class TeacherCacheWriter:
         misinstructed = int((records.label_logprob < records.topk_logprobs[:, 0]).sum()) if records.num_tokens else 0
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         payload = save(
-            {"rows": rows, "example_offsets": offsets, "label_outside_rows": outside_rows,
-             "label_outside_codes": outside_codes.astype(np.int32)},
+            {"rows": rows, "example_offsets": offsets, "label_outside_rows": outside_rows.astype(np.uint32),
+             "label_outside_codes": outside_codes.astype(np.uint8 if self.codec.num_levels <= 256 else np.uint16)},
             # One metadata key: safetensors writes a map's keys in no fixed order, and shards must be
             # reproducible byte for byte (a resumed capture equals an uninterrupted one).
             metadata={"locakd": json.dumps({"format": FORMAT, "shard": shard,
@@ -408,7 +408,7 @@ class TeacherCache:
             arrays = self._shard(shard)
             start, stop = (int(x) for x in arrays["example_offsets"][local:local + 2])
             row_parts.append(arrays["rows"][start:stop])
-            outside_rows = arrays["label_outside_rows"]
+            outside_rows = arrays["label_outside_rows"].astype(np.int64)
             lo, hi = np.searchsorted(outside_rows, [start, stop])
             outside = np.zeros(stop - start, dtype=bool)
             codes = np.zeros(stop - start, dtype=np.int64)
