@@ -70,10 +70,12 @@ def sample_labels(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def write_and_read(records: list[TokenRecords], vocab: int, k: int, directory: Path) -> tuple[TeacherCache, list]:
+def write_and_read(records: list[TokenRecords], vocab: int, k: int, directory: Path,
+                   levels: int = 128) -> tuple[TeacherCache, list]:
     """Write one example per record group into a cache; read every example back (with its labels)."""
     writer = TeacherCacheWriter(directory, identity={"bench": "measure_cache"}, vocab_size=vocab,
-                                num_examples=len(records), top_k=k, examples_per_shard=64)
+                                num_examples=len(records), top_k=k, examples_per_shard=64,
+                                num_levels=levels)
     for shard in writer.pending_shards():
         writer.write_shard(shard, TokenRecords.concat([records[i] for i in writer.shard_examples(shard)]))
     assert writer.finalize()
@@ -136,10 +138,10 @@ def per_row(student, ids, top, labels, label_lp, tail, divergence, alpha):
 
 
 def measure_block(acc: ErrorAccumulator, teacher_logits, student_logits, labels, k, directory, *, dense=True,
-                  divergences=DIVERGENCES):
+                  divergences=DIVERGENCES, levels=128):
     """Records -> cache -> losses on one block of tokens (teacher_logits [N, V], labels [N])."""
     records = teacher_token_records(teacher_logits[None], labels[None], top_k=k)
-    _, (decoded,) = write_and_read([records], teacher_logits.shape[-1], k, directory)
+    _, (decoded,) = write_and_read([records], teacher_logits.shape[-1], k, directory, levels)
     for divergence in divergences:
         for alpha in (None, 0.9):
             exact_rows, exact_grad = per_row(student_logits, records.topk_ids, records.topk_logprobs, labels,
@@ -170,7 +172,7 @@ def cmd_sizes(args) -> dict:
             examples = [teacher_token_records(logits[i:i + 32][None], labels[i:i + 32][None], top_k=k)
                         for i in range(0, args.tokens, 32)]
             with tempfile.TemporaryDirectory() as tmp:
-                cache, _ = write_and_read(examples, vocab, k, Path(tmp))
+                cache, _ = write_and_read(examples, vocab, k, Path(tmp), args.levels)
                 out[f"{vocab}/{k}"] = {"vocab": vocab, "k": k, "row_bytes": cache.codec.row_bytes,
                                        "bytes_per_token": cache.bytes_per_token,
                                        "label_outside_share": float(np.mean([
@@ -192,7 +194,8 @@ def cmd_zipf(args) -> dict:
             labels = sample_labels(teacher, gen)
             student = teacher + torch.randn(teacher.shape, generator=gen) * noise
             with tempfile.TemporaryDirectory() as tmp:
-                measure_block(acc, teacher, student, labels, args.k, Path(tmp), dense=not args.no_dense)
+                measure_block(acc, teacher, student, labels, args.k, Path(tmp), dense=not args.no_dense,
+                              levels=args.levels)
         result[f"student_noise_{noise}"] = acc.table()
     return result
 
@@ -212,7 +215,7 @@ def cmd_lm(args) -> dict:
     collate = make_collate_fn(tokenizer)
     vocab = teacher.config.vocab_size
     result: dict = {"vocab": vocab, "examples": len(examples)}
-    for k in KS:
+    for k in args.k:
         acc = ErrorAccumulator()
         records_all = []
         for start in range(0, len(examples), 16):
@@ -225,9 +228,9 @@ def cmd_lm(args) -> dict:
             valid = labels != -100
             records_all += [teacher_token_records(t[i:i + 1], labels[i:i + 1], top_k=k) for i in range(t.shape[0])]
             with tempfile.TemporaryDirectory() as tmp:
-                measure_block(acc, t[valid], s[valid], labels[valid], k, Path(tmp))
+                measure_block(acc, t[valid], s[valid], labels[valid], k, Path(tmp), levels=args.levels)
         with tempfile.TemporaryDirectory() as tmp:
-            cache, _ = write_and_read(records_all, vocab, k, Path(tmp))
+            cache, _ = write_and_read(records_all, vocab, k, Path(tmp), args.levels)
             sizes = {"row_bytes": cache.codec.row_bytes, "bytes_per_token": cache.bytes_per_token,
                      "tokens": cache.num_tokens, "misinstruction_rate": cache.misinstruction()["misinstruction_rate"]}
         result[f"k={k}"] = {"sizes": sizes, "errors": acc.table()}
@@ -280,7 +283,9 @@ def main(argv=None) -> int:
     p.add_argument("--student", required=True)
     p.add_argument("--config", required=True, help="the benchmark's lm-sft/lm-distill config (data, template, lengths)")
     p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--k", type=int, nargs="+", default=list(KS), help="top-k values to measure")
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
+    parser.add_argument("--levels", type=int, default=128, help="value levels of the codec (default 128)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     started = time.time()
