@@ -28,9 +28,7 @@ Compact rows (:class:`CacheCodec`), one fixed-width bit row per token:
   whose spacing follows what the loss is sensitive to (about 0.03 nat near the top, widening
   with x, relative precision deep in the tail; see :func:`value_levels`). Code 0 is exactly
   the top (ties with the top stay ties, so mis-instruction is read exactly) and the last code is
-  probability 0. Each code decodes at the mean gap of the entries it holds in its shard (a
-  ``num_levels`` table per shard), which keeps every entry within its cell and removes the rounding
-  bias. The tail mass is coded on the same levels as ``-log(tail mass)``; the absolute
+  probability 0. The tail mass is coded on the same table as ``-log(tail mass)``; the absolute
   scale follows from ``stored mass = 1 - tail``, so no per-row anchor is stored;
 * the label token itself is not stored (the run has it): rows whose label is not among the k ids
   have their row index and label code in a small per-shard side table, and a reader given the

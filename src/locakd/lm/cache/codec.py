@@ -131,15 +131,10 @@ class CacheCodec:
         return np.where(np.isinf(gap), self.num_levels - 1, codes).astype(np.int64)
 
     # ---- encode ---------------------------------------------------------------------------------
-    def encode(self, records: TokenRecords) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """``(rows [N, row_bytes] uint8, outside_rows [M] int64, outside_codes [M] int64, table [L] float64)``.
+    def encode(self, records: TokenRecords) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(rows [N, row_bytes] uint8, outside_rows [M] int64, outside_codes [M] int64)``.
 
         ``outside_*`` hold the label codes of the rows whose label is not among the stored ids.
-        ``table`` is what each value code decodes to: the mean gap of the stored entries it holds in
-        these records, or its level where it holds none (labels outside the top k use it too). Decoding a code
-        at the mean of its cell instead of the cell's level removes the rounding bias (nearest-level
-        rounding is biased where entries are not uniform within a cell, which reverse KL, linear in
-        the teacher's log-probabilities, picks up); every entry stays within its cell.
         """
         k, n = self.top_k, records.num_tokens
         if tuple(records.topk_ids.shape) != (n, k):
@@ -168,27 +163,7 @@ class CacheCodec:
         np.put_along_axis(high, ids // divisor + np.arange(k), 1, axis=1)
         bits.append(high)
         rows = np.packbits(np.concatenate(bits, axis=1), axis=1, bitorder="little")
-        gaps, all_codes = (top - values).ravel(), codes.ravel()
-        inner = (all_codes > 0) & (all_codes < self.num_levels - 1)
-        sums = np.bincount(all_codes[inner], weights=gaps[inner], minlength=self.num_levels)
-        counts = np.bincount(all_codes[inner], minlength=self.num_levels)
-        table = np.where(counts > 0, sums / np.maximum(counts, 1), self.levels)
-        table[0], table[-1] = 0.0, math.inf
-        return rows, outside.astype(np.int64), outside_codes, table
-
-    def check_table(self, table: np.ndarray) -> np.ndarray:
-        """A shard's decoding table, checked: the right length, 0 and inf at the ends, each value in its cell."""
-        table = np.asarray(table, dtype=np.float64)
-        levels = self.levels
-        if table.shape != levels.shape or table[0] != 0 or table[-1] != math.inf:
-            raise TeacherCacheError(f"corrupt cache shard (a value table of shape {table.shape})")
-        mids = (levels[1:-2] + levels[2:-1]) / 2
-        low = np.concatenate([[0.0], mids])
-        high = np.concatenate([mids, [math.inf]])
-        inner = table[1:-1]
-        if not ((inner >= low) & (inner <= high)).all():
-            raise TeacherCacheError("corrupt cache shard (a value table entry outside its cell)")
-        return table
+        return rows, outside.astype(np.int64), outside_codes
 
     def _digits_to_bits(self, digits: np.ndarray) -> np.ndarray:
         bases = self._bases()
@@ -203,12 +178,11 @@ class CacheCodec:
 
     # ---- decode ---------------------------------------------------------------------------------
     def decode(self, rows: np.ndarray, label_outside: np.ndarray | None = None,
-               outside_codes: np.ndarray | None = None, table: np.ndarray | None = None) -> dict[str, np.ndarray]:
+               outside_codes: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Inverse of :meth:`encode` for ``rows [N, row_bytes]``.
 
         ``label_outside`` ``[N]`` bool marks the rows whose label is not stored and ``outside_codes``
         ``[N]`` holds their label codes (any value elsewhere); both from the shard's side table.
-        ``table`` is the shard's decoding table from :meth:`encode` (None: the levels themselves).
         Returns float32 ``topk_logprobs`` (largest first; ties in id order), int64 ``topk_ids``,
         ``tail_logprob`` and ``label_logprob`` (``-inf`` on rows whose label is stored: its value is
         the stored entry's, which the sparse losses use).
@@ -237,14 +211,13 @@ class CacheCodec:
         if (ids >= self.vocab_size).any():
             raise TeacherCacheError("corrupt cache rows (a token id is out of range)")
         levels = self.levels
-        table = levels if table is None else self.check_table(table)
-        gaps = table[codes]
+        gaps = levels[codes]
         outside = np.zeros(n, dtype=bool) if label_outside is None else np.asarray(label_outside, dtype=bool)
         label_gap = np.full(n, math.inf)
         if outside.any():
             if outside_codes is None:
                 raise TeacherCacheError("rows with a label outside the top k need their side-table codes")
-            label_gap[outside] = table[outside_codes[outside]]
+            label_gap[outside] = levels[outside_codes[outside]]
         tail_lp = -levels[tail_code]  # -inf for the zero-mass code
         with np.errstate(divide="ignore"):
             stored_mass = np.log(-np.expm1(tail_lp))

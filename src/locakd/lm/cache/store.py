@@ -239,13 +239,12 @@ class TeacherCacheWriter:
             raise InputError("records: tokens_per_example does not add up to the number of rows")
         from safetensors.numpy import save
 
-        rows, outside_rows, outside_codes, table = self.codec.encode(records)
+        rows, outside_rows, outside_codes = self.codec.encode(records)
         # Mis-instruction from the unquantised records: label log-prob < top-1 (a tie is right).
         misinstructed = int((records.label_logprob < records.topk_logprobs[:, 0]).sum()) if records.num_tokens else 0
         offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         payload = save(
-            {"rows": rows, "example_offsets": offsets, "value_table": table,
-             "label_outside_rows": outside_rows.astype(np.uint32),
+            {"rows": rows, "example_offsets": offsets, "label_outside_rows": outside_rows.astype(np.uint32),
              "label_outside_codes": outside_codes.astype(np.uint8 if self.codec.num_levels <= 256 else np.uint16)},
             # One metadata key: safetensors writes a map's keys in no fixed order, and shards must be
             # reproducible byte for byte (a resumed capture equals an uninterrupted one).
@@ -403,26 +402,26 @@ class TeacherCache:
         for i in indices:
             if not 0 <= i < self.num_examples:
                 raise InputError(f"example index {i} is out of range for a cache of {self.num_examples} examples")
-        parts, outside_parts, counts = [], [], []
+        row_parts, outside_parts, code_parts, counts = [], [], [], []
         for i in indices:
             shard, local = divmod(i, self.examples_per_shard)
             arrays = self._shard(shard)
             start, stop = (int(x) for x in arrays["example_offsets"][local:local + 2])
+            row_parts.append(arrays["rows"][start:stop])
             outside_rows = arrays["label_outside_rows"].astype(np.int64)
             lo, hi = np.searchsorted(outside_rows, [start, stop])
             outside = np.zeros(stop - start, dtype=bool)
             codes = np.zeros(stop - start, dtype=np.int64)
             outside[outside_rows[lo:hi] - start] = True
             codes[outside_rows[lo:hi] - start] = arrays["label_outside_codes"][lo:hi]
-            # One decode per example: each shard has its own value table.
-            parts.append(self.codec.decode(arrays["rows"][start:stop], outside, codes, arrays["value_table"]))
             outside_parts.append(outside)
+            code_parts.append(codes)
             counts.append(stop - start)
-        if parts:
-            decoded = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-        else:
-            decoded = self.codec.decode(np.zeros((0, self.codec.row_bytes), np.uint8))
+        width = self.codec.row_bytes
+        rows = np.concatenate(row_parts) if row_parts else np.zeros((0, width), np.uint8)
         outside = np.concatenate(outside_parts) if outside_parts else np.zeros(0, bool)
+        codes = np.concatenate(code_parts) if code_parts else np.zeros(0, np.int64)
+        decoded = self.codec.decode(rows, outside, codes)
         teacher = SparseTeacher(
             topk_ids=torch.from_numpy(decoded["topk_ids"]),
             topk_logprobs=torch.from_numpy(decoded["topk_logprobs"]),
