@@ -201,10 +201,11 @@ def cmd_zipf(args) -> dict:
 
 
 def cmd_lm(args) -> dict:
+    from locakd.lm.build import load_run_tokenizer, load_train_valid_records, tokenize
     from locakd.lm.config import load_lm_config
-    from locakd.lm.data import make_collate_fn, shift_for_next_token
+    from locakd.lm.data import make_collate_fn
     from locakd.lm.models import load_causal_lm
-    from locakd.lm.pipeline import load_run_tokenizer, load_train_valid_records, tokenize
+    from locakd.losses import shift_for_next_token
 
     config = load_lm_config(args.config, [])
     tokenizer = load_run_tokenizer(config, args.teacher)

@@ -9,6 +9,12 @@ from ._common import kl_rows
 from .dkd import KDDecomposition, decompose_kd, dkd_loss
 from .kd import kd_loss
 from .linear import LinearTerms, linear_distill_objective, linear_token_distill_loss
+from .sparse import (
+    sparse_misinstruction_mask,
+    sparse_misinstruction_rate,
+    sparse_teacher_buckets,
+    sparse_token_distill_loss,
+)
 from .targets import TARGET_TRANSFORMS, TRANSFORMS, TargetTransform, standardize_logits, teacher_log_target
 from .token import (
     DIVERGENCES,
@@ -49,6 +55,10 @@ __all__ = [
     "shift_for_next_token",
     "skew_forward_kl_loss",
     "skew_reverse_kl_loss",
+    "sparse_misinstruction_mask",
+    "sparse_misinstruction_rate",
+    "sparse_teacher_buckets",
+    "sparse_token_distill_loss",
     "standardize_logits",
     "teacher_log_target",
     "token_distill_loss",
