@@ -76,6 +76,16 @@ def _help(text: str, default: Any = None, factory: Any = None, *, resume: bool =
 
 
 @dataclass
+class LMLoraConfig:
+    r: int = _help("LoRA rank: 0 trains the whole student; > 0 trains LoRA adapters only (peft: pip install "
+                   "'locakd[hf]'); best/ and final/ then hold the adapter", 0)
+    alpha: float = _help("LoRA alpha (the adapter update is scaled by alpha / r)", 16.0)
+    dropout: float = _help("dropout on the LoRA input", 0.0)
+    target_modules: list[str] | str | None = _help(
+        "modules to adapt, e.g. [q_proj, v_proj] or all-linear; null: peft's default for the architecture", None)
+
+
+@dataclass
 class LMModelConfig:
     student: str = _help("model to train: a save_pretrained folder or a hub name (lm-sft: the teacher to fine-tune)", "")
     teacher: str | None = _help("teacher for lm-distill (folder or hub name); None for sft", None)
@@ -89,18 +99,24 @@ class LMModelConfig:
         "if teacher and student output sizes differ (padded embedding rows), compare the shared first V logits",
         False,
     )
+    check_tokenizer: bool = _help(
+        "refuse a teacher whose tokenizer (read from model.teacher) differs from the student's in vocabulary, "
+        "special tokens or encoding; false skips the check", True, resume=True, identity="none")
+    lora: LMLoraConfig = field(default_factory=LMLoraConfig)
 
 
 @dataclass
 class LMDataConfig:
-    train: str = _help("training records: Dolly-layout .jsonl or a Hugging Face dataset name", "")
+    train: str = _help("training records (.jsonl or a Hugging Face dataset name) in one layout per file: Dolly "
+                       "instruction/context/response, chat 'messages', or 'prompt'/'completion'", "")
     valid: str | None = _help("validation records (checkpoint selection); None: see valid_holdout", None)
     test: str | None = _help("test records for lm-eval", None, resume=True, identity="none")
     train_split: str = _help("split name when train is a HF dataset", "train")
     valid_split: str = _help("split name when valid is a HF dataset", "validation")
     test_split: str = _help("split name when test is a HF dataset", "test", resume=True, identity="none")
     valid_holdout: int = _help("without data.valid: hold out this many training records as validation", 0)
-    template: str = _help("prompt template preset: alpaca (MiniLLM/Dolly) or compact", "alpaca")
+    template: str = _help("prompt template of Dolly records: alpaca (MiniLLM) or compact (chat records use the "
+                          "tokenizer's chat template)", "alpaca")
     prompt_with_context: str | None = _help("custom template ({instruction}, {context}); overrides the preset", None)
     prompt_without_context: str | None = _help("custom template ({instruction}); overrides the preset", None)
     max_length: int = _help("max tokens per example (prompt + response + EOS)", 512)
@@ -154,6 +170,9 @@ class LMRunConfig:
     progress: bool = _help("show progress bars", True, resume=True, identity="none")
     tensorboard: bool = _help("write TensorBoard scalars to run_dir/tensorboard", True, resume=True, identity="none")
     dist_timeout_s: float = _help("timeout of collective operations under torchrun", 1800.0, resume=True, identity="none")
+    engine: Literal["own", "hf"] = _help(
+        "own: locakd's training loop (DDP under torchrun); hf: transformers.Trainer through "
+        "locakd.hf.DistillationTrainer (DDP, FSDP or DeepSpeed under accelerate launch)", "own")
 
 
 @dataclass
@@ -201,6 +220,12 @@ class LMExperimentConfig:
         check(m.chunk_size is None or m.chunk_size >= 1, f"method.chunk_size must be >= 1 or null, got {m.chunk_size}")
         if spec.uses_teacher and m.kd_ratio == 0.0:
             raise ConfigError(f"method '{m.name}' with method.kd_ratio 0 trains on CE only; use method sft instead")
+        lora = self.model.lora
+        check(lora.r >= 0, f"model.lora.r must be >= 0 (0: no LoRA), got {lora.r}")
+        check(lora.alpha > 0, f"model.lora.alpha must be > 0, got {lora.alpha}")
+        check(0.0 <= lora.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        check(not (lora.r and self.model.init == "scratch"),
+              "model.lora trains adapters on a pretrained student; it cannot be combined with model.init: scratch")
         check(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
         check(1 <= d.max_prompt_length <= d.max_length,
               f"data.max_prompt_length must be in [1, data.max_length={d.max_length}], got {d.max_prompt_length}")

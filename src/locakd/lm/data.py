@@ -162,6 +162,12 @@ def _normalise_records(rows: Iterable[tuple[Any, str]], source: str) -> list[dic
     return records
 
 
+def normalise_records(records: Iterable[Any], source: str = "records") -> list[dict[str, Any]]:
+    """Validate in-memory records (e.g. rows of a ``datasets.Dataset``) as :func:`load_instruction_records`
+    validates a file: one known layout, shared by all of them; errors name ``source`` and the 1-based row."""
+    return _normalise_records(((obj, f"{source}, row {i + 1}") for i, obj in enumerate(records)), source)
+
+
 def record_format(record: Mapping[str, Any]) -> str:
     """The layout (a key of :data:`DATA_FORMATS`) of a record returned by :func:`load_instruction_records`."""
     if "messages" in record:

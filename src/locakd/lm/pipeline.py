@@ -30,7 +30,14 @@ from .data import (
     tokenize_examples,
     train_test_split_records,
 )
-from .models import create_causal_lm, load_causal_lm, load_tokenizer
+from .models import (
+    apply_lora,
+    check_teacher_tokenizer,
+    create_causal_lm,
+    is_model_dir,
+    load_causal_lm,
+    load_tokenizer,
+)
 
 VALID_HOLDOUT_SEED = 0
 """The train/valid hold-out split does not depend on run.seed, so every seed sees the same split."""
@@ -111,13 +118,21 @@ def load_student(config: LMExperimentConfig, device: torch.device) -> nn.Module:
     else:
         with quiet_transformers():
             model = load_causal_lm(source, dtype="float32")
+    lora = config.model.lora
+    if lora.r:  # only the adapters train; best/ and final/ then hold the adapter
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     return model.to(device)
 
 
 def load_teacher(config: LMExperimentConfig, device: torch.device) -> FrozenTeacher:
-    """The frozen teacher in ``model.teacher_dtype``, eval mode, no gradients."""
+    """The frozen teacher in ``model.teacher_dtype``, eval mode, no gradients.
+
+    Unless ``model.check_tokenizer`` is false, the tokenizer saved with the teacher must equal the run's
+    tokenizer (vocabulary, special tokens, encoding), or an error says how they differ."""
     if not config.model.teacher:
         raise ConfigError(f"method '{config.method.name}' needs a teacher: set model.teacher")
+    if config.model.check_tokenizer:
+        check_teacher_tokenizer(config.model.teacher, load_run_tokenizer(config), opt_out="model.check_tokenizer=false")
     with quiet_transformers():
         model = load_causal_lm(config.model.teacher, dtype=config.model.teacher_dtype, device=device)
     return FrozenTeacher(model)
@@ -214,9 +229,9 @@ def resolve_eval_source(source: str | Path, overrides: list[str] | None = None,
         config = load_lm_config(cfg_path, overrides)
         which = checkpoint or config.eval.checkpoint
         model_dir = path / which
-        if not (model_dir / "config.json").is_file():
+        if not is_model_dir(model_dir):
             fallback = path / "final"
-            if which == "best" and (fallback / "config.json").is_file():
+            if which == "best" and is_model_dir(fallback):
                 _info(f"lm-eval: {model_dir} not found (the run had no validation set); using {fallback}")
                 model_dir = fallback
             else:

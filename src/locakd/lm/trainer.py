@@ -393,6 +393,10 @@ def train_lm(config: LMExperimentConfig, *, command: str = "lm-distill", resume:
     check_command(config, command)
     if stop_after_steps is not None and stop_after_steps < 1:
         raise ConfigError(f"stop_after_steps must be >= 1, got {stop_after_steps}")
+    if config.run.engine == "hf":  # transformers.Trainer; accelerate launch gives DDP / FSDP / DeepSpeed
+        from .hf_run import train_with_hf
+
+        return train_with_hf(config, command=command, resume=resume, stop_after_steps=stop_after_steps)
     import os
 
     device = resolve_device(config.run.device, int(os.environ.get("LOCAL_RANK", "0")))
