@@ -115,7 +115,7 @@ def training_arguments(config: LMExperimentConfig, *, has_valid: bool) -> Distil
     run.save_every            save_strategy steps + save_steps (0: with every validation); 1 kept
     run.progress              disable_tqdm = not progress
     run.tensorboard           run_dir/tensorboard written by locakd (report_to none)
-    run.dist_timeout_s        ddp_timeout
+    run.dist_timeout_s        ddp_timeout (DDP: ddp_find_unused_parameters false, as the own loop)
     method.*, model.*         the DistillationArguments of the same names
     ========================  =====================================================================
     """
@@ -147,6 +147,7 @@ def training_arguments(config: LMExperimentConfig, *, has_valid: bool) -> Distil
         eval_strategy=eval_strategy, eval_steps=eval_steps,
         save_strategy=save_strategy, save_steps=save_steps, save_total_limit=1,
         disable_tqdm=not r.progress, report_to="none", ddp_timeout=int(math.ceil(r.dist_timeout_s)),
+        ddp_find_unused_parameters=False,  # every student parameter (or adapter) takes part in the loss
         method=m.name, kd_ratio=m.kd_ratio, loca_alpha=m.loca_alpha, temperature=m.temperature,
         jsd_beta=m.jsd_beta, skew_lambda=m.skew_lambda, chunk_size=m.chunk_size,
         crop_vocab=config.model.crop_vocab, teacher_dtype=config.model.teacher_dtype,
