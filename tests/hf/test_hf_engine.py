@@ -97,6 +97,7 @@ def test_run_engine_is_documented_in_help(capsys):
 # ------------------------------------------------------------------------------------------ accelerate DDP
 
 
+@pytest.mark.slow
 def test_accelerate_two_processes_give_the_weights_of_one_process_with_twice_the_batch(hf_env, tmp_path):
     """2 processes x 2 examples x 2 accumulation steps vs 1 process x 4 x 2: the same 8 examples per step,
     every response token weighted alike -> the same weights (up to float32 reduction order)."""

@@ -172,3 +172,20 @@ def test_a_lora_student_through_peft_config(hf_env, tmp_path):
     for name, value in reloaded.state_dict().items():
         if "lora_" in name:
             assert torch.equal(value, trained[name]), name
+
+
+def test_the_example_script_distills_one_causal_lm_into_another(hf_env, tmp_path, monkeypatch):
+    import runpy
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "examples" / "distill_with_trainer.py"
+    out = tmp_path / "example"
+    monkeypatch.setattr("sys.argv", [
+        str(script), "--teacher", str(hf_env.teachers["llama"]), "--student", str(hf_env.pretrained_students["llama"]),
+        "--data", str(hf_env.messages["train"]), "--output_dir", str(out), "--max_steps", "2", "--use_cpu",
+        "--report_to", "none", "--per_device_train_batch_size", "4", "--max_length", "64", "--max_prompt_length", "48",
+        "--save_strategy", "no", "--disable_tqdm", "true"])
+    runpy.run_path(str(script), run_name="__main__")
+    assert (out / "final" / "model.safetensors").is_file()
+    loaded = load_causal_lm(out / "final")
+    assert type(loaded).__name__ == "LlamaForCausalLM"

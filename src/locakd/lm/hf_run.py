@@ -299,6 +299,11 @@ class _BarsOnly(transformers.ProgressCallback):
         return None
 
 
+def _distributed_type(trainer: transformers.Trainer) -> str:
+    kind = trainer.accelerator.distributed_type
+    return str(getattr(kind, "value", kind))
+
+
 def _checkpoint_step(path: str) -> int:
     match = re.search(r"checkpoint-(\d+)$", path.rstrip("/"))
     return int(match.group(1)) if match else 0
@@ -391,7 +396,8 @@ def _train(config, command, resume, stop_after_steps, args, logger, run_dir, spl
     global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * world
     logger.info(
         f"{command} (engine hf): method {spec.name}, {len(train_ds)} examples, global batch {global_batch} "
-        f"({world} process(es), device {args.device}, {config.run.precision}), student "
+        f"({world} process(es), accelerate {_distributed_type(trainer)}, device {args.device}, "
+        f"{config.run.precision}), student "
         f"{param_count(student) / 1e6:.2f}M params"
         + (f", teacher {param_count(teacher) / 1e6:.2f}M params ({config.model.teacher_dtype})" if teacher else "")
     )
