@@ -154,7 +154,7 @@ def load_tokenizer(name_or_path: str | os.PathLike[str], padding_side: str = "ri
     tf = _transformers()
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(source, **kwargs)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # ValueError: a folder without tokenizer files
         raise DataError(f"could not load tokenizer '{source}': {exc}") from exc
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer '{source}' has no EOS token; the LM pipeline appends EOS to every response")
