@@ -163,7 +163,7 @@ def test_messages_and_prompt_completion_files_train_and_evaluate_end_to_end(hf_e
     runs = {"messages": ("own", "llama"), "prompt_completion": ("hf", "gpt2")}
     for data, (engine, arch) in runs.items():
         out = tmp_path / data
-        summary = train_lm(_config(hf_env, out, arch=arch, data=data, run={"engine": engine},
+        summary = train_lm(_config(hf_env, out, arch=arch, data=data, run={"engine": engine, "eval_every": 4},
                                    eval={"select_by": "rouge_l"}))
         assert summary["status"] == "finished" and summary["tokenization"]["format"] == data
         assert f"train {data} records, 64/64 examples kept" in capsys.readouterr().err  # named in the run log
@@ -249,3 +249,16 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused(hf_env, tm
     config.model.check_tokenizer = False  # the explicit opt-out trains anyway (one step is enough to show it)
     config.optim.max_steps, config.data.valid = 1, None
     assert train_lm(config)["status"] == "finished"
+
+
+def test_lm_sft_through_the_cli_on_the_hf_engine_keeps_stdout_for_the_result(hf_env, tmp_path, capsys):
+    cfg = hf_env.write_config(tmp_path / "sft.yaml", tmp_path / "sft", run=_hf(), model={"teacher": None},
+                              method={"name": "sft"}, optim={"max_steps": 2})
+    assert cli_main(["lm-sft", str(cfg)]) == 0
+    captured = capsys.readouterr()
+    (line,) = captured.out.strip().splitlines()  # the result only: no Trainer log dicts on stdout
+    result = json.loads(line)
+    assert result["status"] == "finished" and result["step"] == 2 and result["teacher_misinstruction"] is None
+    assert "accelerate NO" in captured.err  # the run log names the engine accelerate runs
+    rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["tag"] for r in rows} == {"train", "valid"} and all("kd" not in r for r in rows)

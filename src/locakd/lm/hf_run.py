@@ -299,6 +299,10 @@ class _BarsOnly(transformers.ProgressCallback):
         return None
 
 
+def _measured(misinstruction: dict[str, Any] | None) -> dict[str, Any] | None:
+    return None if misinstruction is None else {**misinstruction, "measured_on": "trained response tokens"}
+
+
 def _distributed_type(trainer: transformers.Trainer) -> str:
     kind = trainer.accelerator.distributed_type
     return str(getattr(kind, "value", kind))
@@ -419,11 +423,10 @@ def _train(config, command, resume, stop_after_steps, args, logger, run_dir, spl
         "train_examples": len(train_ds),
         "tokenization": train_ds.stats.as_dict(),
         "valid_examples": len(valid_ds) if valid_ds is not None else 0,
-        "vocab_size": trainer.objective.vocab_size,
+        "vocab_size": trainer.vocab_size,
         "student_params": param_count(student),
         "teacher_params": param_count(teacher) if teacher is not None else None,
-        "teacher_misinstruction": (None if teacher is None else
-                                   {**trainer.teacher_misinstruction(), "measured_on": "trained response tokens"}),
+        "teacher_misinstruction": _measured(trainer.teacher_misinstruction()),
         "tokens_trained": float(trainer._train_totals[2]),
         "last_train": callback.last_train,
         "last_valid": callback.last_valid,

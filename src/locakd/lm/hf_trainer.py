@@ -162,7 +162,7 @@ def _prepare_dataset(dataset: Any, tokenizer: Any, args: DistillationArguments, 
     """Tokenise a dataset of records; a dataset that is tokenised already (``input_ids``) is returned as is."""
     if dataset is None:
         return None
-    if isinstance(dataset, Mapping) and not hasattr(dataset, "column_names"):  # several eval datasets by name
+    if isinstance(dataset, Mapping):  # several eval datasets by name (a dict or a datasets.DatasetDict)
         return {key: _prepare_dataset(value, tokenizer, args, f"{name}[{key!r}]") for key, value in dataset.items()}
     first = _first(dataset)
     if not isinstance(first, Mapping) or "input_ids" in first:
@@ -314,6 +314,7 @@ class DistillationTrainer(transformers.Trainer):
 
         teacher = self._load_teacher(teacher_model, spec.uses_teacher, processing_class, teacher_tokenizer, args)
         vocab = check_vocab(teacher, model, processing_class, crop_to_shared=args.crop_vocab)
+        self.vocab_size = vocab  # logits per position the loss compares (shared size when crop_vocab crops)
         self.objective = args.objective(vocab_size=vocab if teacher is not None else None)
         self._eval_objective = dataclasses.replace(self.objective, spec=method_spec("sft"))  # CE only
 
@@ -356,24 +357,26 @@ class DistillationTrainer(transformers.Trainer):
         if not needed:
             _info(args, f"method {args.method} trains on the cross-entropy only; the teacher is not used")
             return None
+        source = None
         if isinstance(teacher, (str, os.PathLike)):
-            if args.check_tokenizer:
-                check_teacher_tokenizer(teacher_tokenizer or teacher, tokenizer, opt_out=_OPT_OUT)
-            return freeze_teacher(load_causal_lm(teacher, dtype=args.teacher_dtype))
-        if isinstance(teacher, FrozenTeacher):
-            teacher = teacher.module
-        if not isinstance(teacher, nn.Module):
-            raise ConfigError(f"teacher_model must be a model or a folder / hub name, got {type(teacher).__name__}")
-        if args.check_tokenizer:
+            source = teacher
+        else:
+            if isinstance(teacher, FrozenTeacher):
+                teacher = teacher.module
+            if not isinstance(teacher, nn.Module):
+                raise ConfigError(f"teacher_model must be a model or a folder / hub name, got {type(teacher).__name__}")
+            source = _name_or_path(teacher)
+        if args.check_tokenizer:  # before loading a large teacher from a path
             if teacher_tokenizer is not None and not isinstance(teacher_tokenizer, (str, os.PathLike)):
                 check_same_tokenizer(teacher_tokenizer, tokenizer, opt_out=_OPT_OUT)
+            elif teacher_tokenizer is not None or source is not None:
+                check_teacher_tokenizer(teacher_tokenizer or source, tokenizer, opt_out=_OPT_OUT)
             else:
-                source = teacher_tokenizer or _name_or_path(teacher)
-                if source is None:
-                    raise ConfigError("cannot check that teacher and student share a tokenizer: the teacher model "
-                                      "does not say where it was loaded from; pass teacher_tokenizer= (its tokenizer "
-                                      f"or folder), or set {_OPT_OUT}")
-                check_teacher_tokenizer(source, tokenizer, opt_out=_OPT_OUT)
+                raise ConfigError("cannot check that teacher and student share a tokenizer: the teacher model does "
+                                  "not say where it was loaded from; pass teacher_tokenizer= (its tokenizer or "
+                                  f"folder), or set {_OPT_OUT}")
+        if isinstance(teacher, (str, os.PathLike)):
+            teacher = load_causal_lm(teacher, dtype=args.teacher_dtype)
         return freeze_teacher(teacher)
 
     def _prepare_teacher(self, teacher: nn.Module) -> FrozenTeacher:
@@ -465,8 +468,9 @@ class DistillationTrainer(transformers.Trainer):
         if not self.objective.spec.uses_teacher:
             return None
         _, _, n, n_mis = (float(v) for v in self._train_totals)
-        rate = n_mis / n if n else math.nan
-        return {"misinstruction_rate": rate, "top1_accuracy": 1.0 - rate, "n_tokens": int(n),
+        if not n:
+            return None
+        return {"misinstruction_rate": n_mis / n, "top1_accuracy": 1.0 - n_mis / n, "n_tokens": int(n),
                 "n_misinstructed": int(n_mis)}
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
