@@ -262,3 +262,12 @@ def test_lm_sft_through_the_cli_on_the_hf_engine_keeps_stdout_for_the_result(hf_
     assert "accelerate NO" in captured.err  # the run log names the engine accelerate runs
     rows = [json.loads(x) for x in (tmp_path / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert {r["tag"] for r in rows} == {"train", "valid"} and all("kd" not in r for r in rows)
+
+
+def test_lora_keys_are_validated(hf_env, tmp_path):
+    with pytest.raises(ConfigError, match="model.lora .* cannot be combined with model.init: scratch"):
+        _config(hf_env, tmp_path, model={"lora": {"r": 4}})  # the fixture's student starts from scratch
+    with pytest.raises(ConfigError, match=r"model\.lora\.dropout must be in \[0, 1\)"):
+        _config(hf_env, tmp_path, model={"init": "pretrained", "lora": {"r": 4, "dropout": 1.0}})
+    with pytest.raises(ConfigError, match="unknown config key 'model.lora.rank'"):
+        _config(hf_env, tmp_path, model={"lora": {"rank": 4}})

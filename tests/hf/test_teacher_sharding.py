@@ -37,11 +37,15 @@ SCRIPT = textwrap.dedent("""
     for version in (1, 2):
         whole = create_causal_lm(config, seed=1).eval().requires_grad_(False)
         n_params = sum(p.numel() for p in whole.parameters())
-        plugin = FullyShardedDataParallelPlugin(fsdp_version=version)
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=version, auto_wrap_policy="transformer_based_wrap")
         accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"))
         sharded = _prepare_fsdp_teacher(create_causal_lm(config, seed=1).eval().requires_grad_(False), accelerator)
         local = sum((p.to_local() if hasattr(p, "to_local") else p).numel() for p in sharded.parameters())
         assert not sharded.training
+        if version == 2:  # every GPT-2 block is its own FSDP unit: gathered one at a time in the forward
+            from torch.distributed.fsdp import FSDPModule
+
+            assert all(isinstance(block, FSDPModule) for block in sharded.transformer.h)
         # each of the 2 ranks holds about half of the teacher (FSDP pads the flat shard to an even split)
         assert local <= n_params // 2 + 64, (version, local, n_params)
         with torch.no_grad():

@@ -237,10 +237,19 @@ def _prepare_fsdp_teacher(model: nn.Module, accelerator: Any) -> nn.Module:
             device_id=accelerator.device,
         )
     else:
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        fully_shard(model, reshard_after_forward=plugin.reshard_after_forward, offload_policy=plugin.cpu_offload,
-                    mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy())
+        kwargs = {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
+                  "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+        # one FSDP unit per block (the plugin's wrap policy, as for the student), so a forward gathers one
+        # block at a time instead of the whole teacher
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+        if policy is not None:
+            for module in reversed(list(model.modules())[1:]):
+                if policy(module):
+                    fully_shard(module, **kwargs)
+        fully_shard(model, **kwargs)
     model.eval()
     return model
 
