@@ -303,20 +303,24 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def commented_yaml(cls: type) -> str:
-    """The defaults of config class ``cls`` as YAML, each key followed by its help as a comment."""
+def commented_yaml(cls: type, indent: str = "") -> str:
+    """The defaults of config class ``cls`` as YAML, each key followed by its help as a comment.
+
+    Sections (and sections inside them, e.g. ``model.lora``) become nested mappings."""
     import yaml
 
     lines: list[str] = []
     hints = _field_types(cls)
-    for section in dataclasses.fields(cls):
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(hints[section.name]):
-            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
-            dumped = dumped[1:-1] if dumped.startswith("{") else dumped
-            doc = f.metadata.get("help", "")
-            lines.append(f"  {dumped}" + (f"  # {doc}" if doc else ""))
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{indent}{f.name}:")
+            lines.append(commented_yaml(hints[f.name], indent + "  "))
+            continue
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+        dumped = dumped[1:-1] if dumped.startswith("{") else dumped
+        doc = f.metadata.get("help", "")
+        lines.append(f"{indent}{dumped}" + (f"  # {doc}" if doc else ""))
     return "\n".join(lines)
 
 

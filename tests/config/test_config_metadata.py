@@ -59,3 +59,10 @@ def test_image_and_lm_configs_declare_their_resumable_and_non_identifying_keys()
     lm_resume = config_keys(LMExperimentConfig, resume=True)
     assert {"optim.max_steps", "run.device", "eval.seeds"} <= lm_resume
     assert "method.loca_alpha" not in lm_resume and "run.seed" not in lm_resume
+    # the Trainer integration's keys: the tokenizer check changes no result (it only refuses), so it may be
+    # switched on resume; the engine and LoRA define the experiment and may not change (the two engines keep
+    # different checkpoints and data orders; LoRA changes what is trained)
+    assert "model.check_tokenizer" in lm_resume
+    assert "model.check_tokenizer" in config_keys(LMExperimentConfig, identity="none")
+    lm_fixed = {"run.engine", "model.lora.r", "model.lora.alpha", "model.lora.dropout", "model.lora.target_modules"}
+    assert not lm_fixed & lm_resume and lm_fixed <= config_keys(LMExperimentConfig, identity="experiment")

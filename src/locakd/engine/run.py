@@ -107,11 +107,19 @@ class Run:
         self.best_path = self.out_dir / "best.pt"
         self.resumable_keys = config_keys(type(config), resume=True)
         self.logger: RunLogger | None = None
-        self.checkpoint = self._open(resume)
+        self.checkpoint = self.open_checkpoint(resume)
+        if self.checkpoint is not None:
+            self.check_config(self.checkpoint.get("config") or {})
         self.position = int(self.checkpoint[position_key]) if self.checkpoint is not None else 0
         self.wall_before = float(self.checkpoint.get("wall_time_s", 0.0)) if self.checkpoint is not None else 0.0
 
-    def _open(self, resume: bool) -> dict[str, Any] | None:
+    def open_checkpoint(self, resume: bool) -> dict[str, Any] | None:
+        """The state to resume from (``None`` on a fresh start); refuses a folder that holds a run unless resuming.
+
+        This reads ``last.pt``. A pipeline whose checkpoints live elsewhere (the Hugging Face Trainer's
+        ``checkpoint-N/``) overrides it, returning the entries the run reads: ``position_key``, ``config``
+        (the config the checkpoint was written with) and ``wall_time_s``.
+        """
         last = self.last_path
         if not resume:
             if last.is_file():
@@ -134,13 +142,17 @@ class Run:
             raise CheckpointError(
                 f"{last} is not a {self.checkpoint_format} checkpoint (format {found!r}){hint}"
             )
-        changes = config_changes(state.get("config") or {}, to_dict(self.config), self.resumable_keys)
+        return state
+
+    def check_config(self, saved: dict[str, Any]) -> None:
+        """Refuse to resume when ``saved`` (the checkpoint's config) differs from this run's config in a key
+        that may not change on resume."""
+        changes = config_changes(saved, to_dict(self.config), self.resumable_keys)
         if changes:
             raise ConfigError(
                 f"cannot resume {self.out_dir} with a different config ({'; '.join(changes)}); only "
                 f"{', '.join(sorted(self.resumable_keys))} may change"
             )
-        return state
 
     # ------------------------------------------------------------------ state
 

@@ -68,6 +68,7 @@ __all__ = [
     "StepStats",
     "accumulate_gradients",
     "check_command",
+    "improves_on_best",
     "step_micro_batches",
     "train_lm",
     "validation_generation",
@@ -223,15 +224,18 @@ def validation_generation(model: nn.Module, tokenizer: Any, records: Sequence[di
 # --------------------------------------------------------------------------------------------------
 
 
-def _better(metric: str, value: float, loss: float, best: dict[str, Any]) -> bool:
-    """Is (value, valid loss) better than the best so far? Ties of a generation metric go to the lower loss."""
+def improves_on_best(metric: str, value: float, loss: float, best: dict[str, Any]) -> bool:
+    """Is (value, valid loss) better than the best so far? Ties of a generation metric go to the lower loss.
+
+    ``best`` holds ``value`` and ``loss`` of the best validation so far (``None`` before the first);
+    both engines select ``best/`` with it."""
     if best["value"] is None:
         return True
     if metric == "loss":
         return value < best["value"]
     if value != best["value"]:
         return value > best["value"]
-    return loss < best.get("loss", math.inf)
+    return loss < (best["loss"] if best.get("loss") is not None else math.inf)
 
 
 def check_command(config: LMExperimentConfig, command: str) -> None:
@@ -259,6 +263,10 @@ def train_lm(config: LMExperimentConfig, *, command: str = "lm-distill", resume:
     check_command(config, command)
     if stop_after_steps is not None and stop_after_steps < 1:
         raise ConfigError(f"stop_after_steps must be >= 1, got {stop_after_steps}")
+    if config.run.engine == "hf":  # transformers.Trainer; accelerate launch gives DDP / FSDP / DeepSpeed
+        from .hf_run import train_with_hf
+
+        return train_with_hf(config, command=command, resume=resume, stop_after_steps=stop_after_steps)
     with open_run(config, out_dir=config.run.out_dir, command=command, checkpoint_format=CHECKPOINT_FORMAT,
                   position_key="step", resume=resume) as run:
         return _LMRun(config, command, run).fit(stop_after_steps)
@@ -288,7 +296,7 @@ class _LMRun:
         check_positions(self.student, config.data.max_length, "student")
         self.teacher = None
         if config.model.teacher and command == "lm-distill":
-            self.teacher = load_teacher(config, device)
+            self.teacher = load_teacher(config, device, self.tokenizer)  # checks the tokenizers first
             check_positions(self.teacher, config.data.max_length, "teacher")
         self.vocab = check_vocab(self.teacher, self.student, self.tokenizer, crop_to_shared=config.model.crop_vocab)
         self.objective = LMObjective.from_config(config.method,
@@ -499,7 +507,7 @@ class _LMRun:
         logger = self.run.logger
         logger.log(step, metrics, tag="valid")
         value = metrics[self.select_by]
-        improved = _better(self.select_by, value, metrics["loss"], best)
+        improved = improves_on_best(self.select_by, value, metrics["loss"], best)
         if improved:
             best.update(value=value, step=step, loss=metrics["loss"])
             if env.is_main:
