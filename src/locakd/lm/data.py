@@ -22,8 +22,8 @@ This module turns records into token ids for causal-LM training:
   marker for chat layouts), and counts every truncation;
 * :func:`prompt_and_reference` gives the generation prompt and the reference answer of a record;
 * :func:`collate_examples` / :func:`make_collate_fn` pad a batch (right padding for training);
-* :func:`count_valid_tokens` and :func:`shift_for_next_token` implement the one convention every
-  loss must share (see below).
+* :func:`count_valid_tokens` and :func:`shift_for_next_token` (from :mod:`locakd.losses.token`,
+  re-exported here) implement the one convention every loss must share (see below).
 
 Label convention (same as Hugging Face): ``labels`` are aligned with ``input_ids``; the model's logits
 at position ``t`` predict the token at ``t + 1``. A loss over a batch therefore uses
@@ -47,6 +47,7 @@ import torch
 
 from locakd.errors import ConfigError, DataError
 from locakd.losses.objectives import IGNORE_INDEX
+from locakd.losses.token import shift_for_next_token  # noqa: F401  (re-exported: the one next-token alignment)
 
 REQUIRED_FIELDS = ("instruction", "response")
 OPTIONAL_FIELDS = ("context",)
@@ -738,17 +739,6 @@ def make_collate_fn(tokenizer: Any, padding_side: str = "right",
         raise ConfigError("the tokenizer has neither pad_token_id nor eos_token_id to pad with")
     return partial(collate_examples, pad_token_id=pad, padding_side=padding_side,
                    pad_to_multiple_of=pad_to_multiple_of)
-
-
-def shift_for_next_token(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Align logits with the labels they predict: ``(logits[:, :-1], labels[:, 1:])``.
-
-    ``logits`` is ``[B, L, V]`` and ``labels`` ``[B, L]`` aligned with ``input_ids`` (HF convention).
-    The logits at position ``t`` predict the token at ``t + 1``. Returns views (no copy).
-    """
-    if logits.shape[:-1] != labels.shape:
-        raise DataError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not align")
-    return logits[..., :-1, :], labels[..., 1:]
 
 
 def count_valid_tokens(labels: torch.Tensor, ignore_index: int = IGNORE_INDEX, shift: bool = True) -> torch.Tensor:

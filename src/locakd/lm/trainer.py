@@ -44,6 +44,7 @@ from ..engine.runtime import autocast_context, make_grad_scaler, seed_everything
 from ..errors import CheckpointError, ConfigError
 from ..losses.objectives import LMObjective, summed_cross_entropy
 from ..losses.objectives import LossTerms as LossTerms  # moved there; importable from here for one release
+from ..losses.token import shift_for_next_token
 from .build import (
     check_positions,
     load_run_tokenizer,
@@ -60,7 +61,7 @@ from .build import (
 from .build import lr_factor as lr_factor  # moved there; importable from here for one release
 from .build import warmup_steps_of as warmup_steps_of  # (same)
 from .config import LMExperimentConfig
-from .data import count_valid_tokens, make_collate_fn, shift_for_next_token
+from .data import count_valid_tokens, make_collate_fn
 from .models import check_vocab
 
 __all__ = [
