@@ -107,6 +107,27 @@ def config_changes(
     ]
 
 
+def fill_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a nested mapping, e.g. a saved ``config.yaml``) with every key of ``cls`` it lacks set to its default.
+
+    A run saved before a key existed then compares equal to a run that leaves the key at its default,
+    so a resume check reports only real changes. Keys ``cls`` does not know are kept (and so reported);
+    nothing is validated.
+    """
+    out = dict(data)
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.name not in out:
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = to_dict(f.default)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = to_dict(f.default_factory())  # type: ignore[misc]
+        elif dataclasses.is_dataclass(tp) and isinstance(out[f.name], dict):
+            out[f.name] = fill_defaults(tp, out[f.name])
+    return out
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 

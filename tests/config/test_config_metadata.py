@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from locakd.config import config_changes, config_keys, flatten, option
+from locakd.config import config_changes, config_keys, fill_defaults, flatten, option, to_dict
 from locakd.image.config import ImageExperimentConfig
 from locakd.lm.config import LMExperimentConfig
 
@@ -49,6 +49,16 @@ def test_config_changes_is_recursive_and_respects_allowed_keys():
     changes = config_changes(saved, current, frozenset({"e"}))
     assert changes == ["a.b.d: 2 in the checkpoint, 5 now", "f: '<absent>' in the checkpoint, 6 now"]
     assert config_changes(saved, saved) == []
+
+
+def test_fill_defaults_adds_missing_keys_at_any_depth_and_keeps_the_rest():
+    saved = {"optim": {"epochs": 7, "extra": 1}, "run": {}}
+    filled = fill_defaults(_Config, saved)
+    assert filled == {"optim": {"lr": 0.1, "epochs": 7, "extra": 1}, "run": {"seed": 0, "device": "cpu", "tags": []}}
+    assert saved == {"optim": {"epochs": 7, "extra": 1}, "run": {}}  # the argument is not modified
+    assert fill_defaults(_Config, {}) == to_dict(_Config())
+    assert config_changes(fill_defaults(_Config, {"run": {"seed": 3}}), to_dict(_Config())) == [
+        "run.seed: 3 in the checkpoint, 0 now"]
 
 
 def test_image_and_lm_configs_declare_their_resumable_and_non_identifying_keys():

@@ -19,7 +19,8 @@ What happens where:
   :mod:`~locakd.engine.distributed`), then :class:`Run` checks the folder.
 * :class:`Run`: ``resume=False`` refuses a folder that already holds a ``last.pt``; ``resume=True`` needs
   one, of the right format, whose config differs from this one only in keys that may change on resume
-  (field metadata, :func:`locakd.config.config_keys`). :attr:`Run.position` is where it stopped.
+  (field metadata, :func:`locakd.config.config_keys`; keys the saved config lacks, added to locakd after
+  it was written, count as their defaults). :attr:`Run.position` is where it stopped.
 * :meth:`Run.begin`: removes what a killed atomic write left (:func:`~locakd.engine.io.clean_stale_files`),
   keeps only the metrics rows up to the checkpoint (all of them go on a fresh start), opens TensorBoard
   with ``purge_step`` so no step appears twice, writes ``config.yaml``.
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..config import config_changes, config_keys, to_dict
+from ..config import config_changes, config_keys, fill_defaults, to_dict
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from . import rng
 from .distributed import DistEnv, all_reduce, barrier, distributed_session, env_from_environment
@@ -146,7 +147,9 @@ class Run:
 
     def check_config(self, saved: dict[str, Any]) -> None:
         """Refuse to resume when ``saved`` (the checkpoint's config) differs from this run's config in a key
-        that may not change on resume."""
+        that may not change on resume. Keys the saved config lacks (added to locakd after it was written)
+        count as their defaults, so only real changes are reported."""
+        saved = fill_defaults(type(self.config), saved)
         changes = config_changes(saved, to_dict(self.config), self.resumable_keys)
         if changes:
             raise ConfigError(
