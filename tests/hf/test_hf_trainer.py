@@ -100,6 +100,19 @@ def test_the_teacher_is_frozen_on_the_students_device_and_never_part_of_the_stud
     assert all(not name.startswith("teacher") for name in trainer.model.state_dict())
 
 
+def test_a_non_finite_loss_is_the_error_lm_distill_raises(hf_env, tmp_path):
+    from locakd.errors import NonFiniteLossError
+
+    student = load_causal_lm(hf_env.pretrained_students["gpt2"])
+    with torch.no_grad():
+        student.get_output_embeddings().weight[0, 0] = float("nan")  # every logit row holds a NaN
+    trainer = hf.DistillationTrainer(model=student, teacher_model=str(hf_env.teachers["gpt2"]),
+                                     args=_args(tmp_path), train_dataset=_examples(hf_env),
+                                     processing_class=hf_env.tokenizer)
+    with pytest.raises(NonFiniteLossError, match=r"'ce' became nan at optimizer step 1"):
+        trainer.train()
+
+
 def test_records_in_any_layout_are_tokenised_and_named(hf_env, tmp_path, capsys):
     records = load_instruction_records(hf_env.messages["train"])[:8]
     trainer = hf.DistillationTrainer(model=str(hf_env.pretrained_students["llama"]),

@@ -46,7 +46,8 @@ import transformers
 from torch import nn
 
 from ..calibration import misinstruction_mask
-from ..errors import ConfigError, DataError, LocakdError
+from ..engine.run import check_finite
+from ..errors import ConfigError, DataError
 from ..losses.objectives import IGNORE_INDEX, LMObjective, crop_logits
 from ..losses.token import shift_for_next_token
 from ..teachers import FrozenTeacher, freeze_teacher
@@ -460,9 +461,9 @@ class DistillationTrainer(transformers.Trainer):
             self._train_sums.zero_()
             self._train_totals += sums
             ce, kd, n, n_mis = (float(v) for v in sums)
-            if not (math.isfinite(ce) and math.isfinite(kd)):
-                raise LocakdError(f"non-finite loss at step {self.state.global_step}: summed CE {ce}, summed "
-                                  f"divergence {kd} over {n:.0f} response tokens")
+            # the one error of both engines for a non-finite loss (NonFiniteLossError naming the term and step)
+            check_finite(f"optimizer step {self.state.global_step} (summed over {n:.0f} response tokens since the "
+                         "previous log)", ce=ce, kd=kd)
             if n > 0:
                 logs["ce"] = ce / n
                 if self.objective.spec.uses_teacher:
