@@ -308,3 +308,29 @@ def test_lora_keys_are_validated(hf_env, tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'model.lora.rank'"):
         _config(hf_env, tmp_path, model={"lora": {"rank": 4}})
 
+
+def test_peft_refusing_this_environment_is_a_config_error(hf_env, tmp_path, monkeypatch):
+    """peft raises ImportError for some installed optional backends (torchao < 0.16 with peft >= 0.18, as in
+    the project's venv without the conftest fixture): LoRA then fails with a ConfigError saying so, whichever
+    way the adapters are made (model.lora, DistillationTrainer(peft_config=...), an adapter folder loaded)."""
+    peft = pytest.importorskip("peft")
+    from locakd.lm.models import apply_lora, create_causal_lm, load_causal_lm, tiny_gpt2_config
+
+    def refuse(*args, **kwargs):
+        raise ImportError("Found an incompatible version of torchao")
+
+    adapter = tmp_path / "adapter"
+    base = load_causal_lm(hf_env.pretrained_students["llama"])
+    apply_lora(base, 2).save_pretrained(adapter)  # before peft is made to refuse
+    monkeypatch.setattr(peft, "get_peft_model", refuse)
+    monkeypatch.setattr(peft.PeftModel, "from_pretrained", refuse)
+    model = create_causal_lm(tiny_gpt2_config(300, n_layer=1, n_embd=32, n_positions=32), seed=0)
+    with pytest.raises(ConfigError, match="peft cannot create LoRA layers in this environment: .*torchao"):
+        apply_lora(model, 4)
+    hf = pytest.importorskip("locakd.hf")
+    args = hf.DistillationArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none", method="sft")
+    with pytest.raises(ConfigError, match="peft cannot create the adapters in this environment: .*torchao"):
+        hf.DistillationTrainer(model=model, args=args, processing_class=hf_env.tokenizer,
+                               peft_config=peft.LoraConfig(r=4, task_type="CAUSAL_LM"))
+    with pytest.raises(ConfigError, match="peft cannot load LoRA layers in this environment: .*torchao"):
+        load_causal_lm(adapter)
