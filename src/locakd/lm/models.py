@@ -366,7 +366,7 @@ def tiny_gpt2_config(
     """A small ``GPT2Config`` for tests and the CPU benchmark.
 
     ``eos_token_id`` defaults to 0, the id of ``<|endoftext|>`` in tokenizers from
-    :func:`locakd.lm.tokenizer.train_bpe_tokenizer` (GPT-2's default 50256 would be out of range);
+    :func:`locakd.lm.fixtures.train_bpe_tokenizer` (GPT-2's default 50256 would be out of range);
     ``bos_token_id`` defaults to ``eos_token_id``. ``dropout`` sets residual, embedding and attention
     dropout alike.
     """
