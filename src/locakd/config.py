@@ -107,6 +107,27 @@ def config_changes(
     ]
 
 
+def fill_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (a nested mapping, e.g. a saved ``config.yaml``) with every key of ``cls`` it lacks set to its default.
+
+    A run saved before a key existed then compares equal to a run that leaves the key at its default,
+    so a resume check reports only real changes. Keys ``cls`` does not know are kept (and so reported);
+    nothing is validated.
+    """
+    out = dict(data)
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if f.name not in out:
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = to_dict(f.default)
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                out[f.name] = to_dict(f.default_factory())  # type: ignore[misc]
+        elif dataclasses.is_dataclass(tp) and isinstance(out[f.name], dict):
+            out[f.name] = fill_defaults(tp, out[f.name])
+    return out
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     return get_type_hints(cls)
 
@@ -303,20 +324,24 @@ def describe(cls: type, prefix: str = "") -> list[str]:
     return lines
 
 
-def commented_yaml(cls: type) -> str:
-    """The defaults of config class ``cls`` as YAML, each key followed by its help as a comment."""
+def commented_yaml(cls: type, indent: str = "") -> str:
+    """The defaults of config class ``cls`` as YAML, each key followed by its help as a comment.
+
+    Sections (and sections inside them, e.g. ``model.lora``) become nested mappings."""
     import yaml
 
     lines: list[str] = []
     hints = _field_types(cls)
-    for section in dataclasses.fields(cls):
-        lines.append(f"{section.name}:")
-        for f in dataclasses.fields(hints[section.name]):
-            value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
-            dumped = dumped[1:-1] if dumped.startswith("{") else dumped
-            doc = f.metadata.get("help", "")
-            lines.append(f"  {dumped}" + (f"  # {doc}" if doc else ""))
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{indent}{f.name}:")
+            lines.append(commented_yaml(hints[f.name], indent + "  "))
+            continue
+        value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        dumped = yaml.safe_dump({f.name: value}, default_flow_style=True, width=1000).strip()
+        dumped = dumped[1:-1] if dumped.startswith("{") else dumped
+        doc = f.metadata.get("help", "")
+        lines.append(f"{indent}{dumped}" + (f"  # {doc}" if doc else ""))
     return "\n".join(lines)
 
 

@@ -44,6 +44,7 @@ class FrozenTeacher(nn.Module):
         if isinstance(model, FrozenTeacher):
             model = model.module
         self.module = freeze_teacher(model)
+        super().train(False)  # the wrapper's own flag too: eval from construction, not only after .train()
 
     def train(self, mode: bool = True) -> FrozenTeacher:
         super().train(False)

@@ -4,7 +4,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from locakd.config import config_changes, config_keys, flatten, option
+from locakd.config import config_changes, config_keys, fill_defaults, flatten, option, to_dict
 from locakd.image.config import ImageExperimentConfig
 from locakd.lm.config import LMExperimentConfig
 
@@ -51,6 +51,16 @@ def test_config_changes_is_recursive_and_respects_allowed_keys():
     assert config_changes(saved, saved) == []
 
 
+def test_fill_defaults_adds_missing_keys_at_any_depth_and_keeps_the_rest():
+    saved = {"optim": {"epochs": 7, "extra": 1}, "run": {}}
+    filled = fill_defaults(_Config, saved)
+    assert filled == {"optim": {"lr": 0.1, "epochs": 7, "extra": 1}, "run": {"seed": 0, "device": "cpu", "tags": []}}
+    assert saved == {"optim": {"epochs": 7, "extra": 1}, "run": {}}  # the argument is not modified
+    assert fill_defaults(_Config, {}) == to_dict(_Config())
+    assert config_changes(fill_defaults(_Config, {"run": {"seed": 3}}), to_dict(_Config())) == [
+        "run.seed: 3 in the checkpoint, 0 now"]
+
+
 def test_image_and_lm_configs_declare_their_resumable_and_non_identifying_keys():
     image_resume = config_keys(ImageExperimentConfig, resume=True)
     assert {"run.epochs", "run.device", "run.out_dir", "teacher.checkpoint"} <= image_resume
@@ -59,3 +69,10 @@ def test_image_and_lm_configs_declare_their_resumable_and_non_identifying_keys()
     lm_resume = config_keys(LMExperimentConfig, resume=True)
     assert {"optim.max_steps", "run.device", "eval.seeds"} <= lm_resume
     assert "method.loca_alpha" not in lm_resume and "run.seed" not in lm_resume
+    # the Trainer integration's keys: the tokenizer check changes no result (it only refuses), so it may be
+    # switched on resume; the engine and LoRA define the experiment and may not change (the two engines keep
+    # different checkpoints and data orders; LoRA changes what is trained)
+    assert "model.check_tokenizer" in lm_resume
+    assert "model.check_tokenizer" in config_keys(LMExperimentConfig, identity="none")
+    lm_fixed = {"run.engine", "model.lora.r", "model.lora.alpha", "model.lora.dropout", "model.lora.target_modules"}
+    assert not lm_fixed & lm_resume and lm_fixed <= config_keys(LMExperimentConfig, identity="experiment")

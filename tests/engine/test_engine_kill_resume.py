@@ -191,6 +191,7 @@ def test_lm_run_killed_at_random_points_resumes_bitwise(tmp_path):
     tokenizer.save_pretrained(student_init)
     teacher = tmp_path / "teacher"
     create_causal_lm(tiny_gpt2_config(vocab, n_layer=1, n_embd=32, n_positions=96), seed=1).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)  # the tokenizer check (model.check_tokenizer) reads it from there
 
     def config(out: Path) -> dict:
         return {

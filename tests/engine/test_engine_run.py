@@ -78,6 +78,27 @@ def test_lifecycle_guards_resume_and_summary(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
 
 
+def test_resume_of_a_run_saved_before_a_key_existed_reports_only_real_changes(tmp_path):
+    cfg = _config(tmp_path)
+    with _open(cfg) as run:
+        run.begin()
+        run.save({"step": 1})
+    # as an older locakd wrote it: the checkpoint's config has no optim.lr and no run.dist_timeout_s
+    state = load_checkpoint(tmp_path / "last.pt")
+    del state["config"]["optim"]["lr"], state["config"]["run"]["dist_timeout_s"]
+    torch.save(state, tmp_path / "last.pt")
+    with _open(cfg, resume=True) as run:  # the missing keys count as their defaults: nothing changed
+        assert run.resumed and run.position == 1
+    with pytest.raises(ConfigError, match=r"different config \(optim.lr: 0.1 in the checkpoint, 0.3 now\)"):
+        with _open(_config(tmp_path, lr=0.3), resume=True):  # a real change of a missing key is still one
+            pass
+    state["config"]["optim"]["momentum"] = 0.9  # a key this version does not know is a change too
+    torch.save(state, tmp_path / "last.pt")
+    with pytest.raises(ConfigError, match=r"optim.momentum: 0.9 in the checkpoint, '<absent>' now"):
+        with _open(cfg, resume=True):
+            pass
+
+
 def test_float16_on_the_cpu_fails_before_the_folder_is_touched(tmp_path):
     cfg = _config(tmp_path / "run")
     cfg.run.precision = "float16"

@@ -1,9 +1,12 @@
-"""Where experiments/ sits among the layers, and the deprecated locakd.benchmarks alias.
+"""The layers of the package (imports point down), where experiments/ sits among them, and the
+deprecated locakd.benchmarks alias.
 
-Layers, lowest first: ... image/lm; experiments; demo; cli. Only demo and cli (and the
-alias package) may import experiments; experiments imports neither of them; demo uses no
-private name of another module; nothing in the package imports the top-level benchmarks/
-folder (the suite program lives there, outside the package).
+Layers, lowest first: errors/_validation; calibration; losses; teachers/distiller; config; engine;
+data/models; image/lm; experiments; demo; cli and hf (the Hugging Face facade over lm/, a front end
+like the CLI). A module imports only its own layer or lower ones (lazily or not), and never one of the
+one-release re-export shims. Only demo and cli (and the alias package) may import experiments;
+experiments imports neither of them; demo uses no private name of another module; nothing in the
+package imports the top-level benchmarks/ folder (the suite program lives there, outside the package).
 """
 
 import ast
@@ -50,6 +53,61 @@ def _top(name: str) -> str:
     """``locakd.experiments.runner`` -> ``experiments``."""
     parts = name.split(".")
     return parts[1] if len(parts) > 1 and parts[0] == "locakd" else ""
+
+
+# top-level name under locakd -> layer (lowest first). training/ and evaluation/ are one-release shims of
+# engine/ and image/, benchmarks/ the deprecated alias of experiments/: each sits where what it re-exports is.
+LAYERS = [
+    {"errors", "_validation"},
+    {"calibration"},
+    {"losses"},
+    {"teachers", "distiller"},
+    {"config"},
+    {"engine"},
+    {"data", "models"},
+    {"image", "lm", "training", "evaluation"},
+    {"experiments", "benchmarks"},
+    {"demo"},
+    {"cli", "hf"},
+]
+LAYER_OF = {name: level for level, names in enumerate(LAYERS) for name in names}
+# re-export shims kept for one release: nothing in the package imports them (only they import their new homes)
+SHIMS = ("locakd.lm.pipeline", "locakd.lm.tokenizer", "locakd.lm.tasks", "locakd.training", "locakd.evaluation",
+         "locakd.benchmarks")
+
+
+def _is_shim(name: str) -> bool:
+    return any(name == shim or name.startswith(f"{shim}.") for shim in SHIMS)
+
+
+def test_every_top_level_module_has_a_layer():
+    names = {_top(_module_name(p)) for p in _sources()} - {""}
+    assert names == set(LAYER_OF), names ^ set(LAYER_OF)
+
+
+def test_every_module_imports_only_its_own_layer_or_lower_ones():
+    offenders = []
+    for path in _sources():
+        name = _module_name(path)
+        if name == "locakd":  # the package's public API; `import locakd` stays light (tests/core)
+            continue
+        own = LAYER_OF[_top(name)]
+        for module, _ in _imports(path):
+            top = _top(module)
+            if top and LAYER_OF[top] > own:
+                offenders.append(f"{name} imports {module}")
+    assert offenders == []
+
+
+def test_no_module_imports_a_one_release_shim():
+    offenders = [
+        f"{_module_name(p)} imports {m}"
+        for p in _sources()
+        if not _is_shim(_module_name(p))
+        for m, _ in _imports(p)
+        if _is_shim(m)
+    ]
+    assert offenders == []
 
 
 def test_only_demo_and_cli_import_experiments():

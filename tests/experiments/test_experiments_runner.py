@@ -1,10 +1,12 @@
 """The job runner: reuse of finished runs, its safety checks, dependencies, worker processes."""
 
 import pytest
+import yaml
 
 from locakd.errors import ConfigError
 from locakd.experiments.mnist1d import Mnist1dSetting
 from locakd.experiments.runner import RunResult, RunSpec, default_workers, finished_results, run_specs
+from locakd.image.config import ImageExperimentConfig
 
 TINY = Mnist1dSetting(samples=200, epochs=2, teacher_epochs=2, dkd_warmup=1)
 
@@ -26,6 +28,12 @@ def test_finished_run_with_other_config_is_an_error(tmp_path):
     assert read["teacher"].summary == results["teacher"].summary
     with pytest.raises(ConfigError, match="different experiment"):
         finished_results([_tiny_teacher(tmp_path, teacher_epochs=3)])
+    # A run written before a key existed (here: optim.nesterov at its default) is still the same experiment.
+    saved_path = tmp_path / "teacher" / "config.yaml"
+    saved = yaml.safe_load(saved_path.read_text())
+    assert saved["optim"].pop("nesterov") is ImageExperimentConfig().optim.nesterov
+    saved_path.write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert finished_results([_tiny_teacher(tmp_path)])["teacher"].status == "skipped"
 
 
 def test_failed_dependency_fails_its_dependents_without_running(tmp_path):

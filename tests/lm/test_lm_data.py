@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 
@@ -10,18 +11,27 @@ import torch
 
 from locakd.errors import ConfigError, DataError
 from locakd.lm.data import (
+    DATA_FORMATS,
+    DOLLY,
     IGNORE_INDEX,
+    MESSAGES,
+    PROMPT_COMPLETION,
+    PROMPT_COMPLETION_MESSAGES,
     PROMPT_TEMPLATES,
     PromptTemplate,
     collate_examples,
     count_valid_tokens,
+    encode_prompt,
     load_instruction_records,
     make_collate_fn,
+    prompt_and_reference,
+    records_format,
     shift_for_next_token,
     tokenize_examples,
     train_test_split_records,
 )
-from locakd.lm.tasks import write_jsonl
+from locakd.lm.fixtures import write_jsonl
+from locakd.losses.token import shift_for_next_token as losses_shift_for_next_token
 
 # ------------------------------------------------------------------------------------------ loading
 
@@ -247,5 +257,154 @@ def test_count_valid_tokens_and_shift():
     lg, lb = shift_for_next_token(logits, labels)
     assert lg.shape == (2, 4, 11) and lb.tolist() == labels[:, 1:].tolist()
     assert torch.equal(lg, logits[:, :-1])
-    with pytest.raises(DataError):
-        shift_for_next_token(logits[:, :4], labels)
+    # one alignment for every loss: lm.data re-exports the losses' function (misaligned logits and labels
+    # are refused by LMObjective, tests/losses/test_objectives.py)
+    assert shift_for_next_token is losses_shift_for_next_token
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+# A minimal chat template for the BPE test tokenizer: every turn is "<|role|>\n" + content; an assistant turn
+# ends with EOS (so the trained tokens end with EOS), the others with a newline.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] }}"
+    "{% if m['role'] == 'assistant' %}{{ eos_token }}{% else %}{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add 3 and 4."},
+        {"role": "assistant", "content": "7"}, {"role": "user", "content": "Now double it."},
+        {"role": "assistant", "content": "14"}]
+
+
+@pytest.fixture()
+def chat_tokenizer(tokenizer_dir):
+    from locakd.lm.models import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_dir)  # a fresh copy: the session tokenizer stays without a template
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def test_each_layout_is_detected_per_file(tmp_path):
+    files = {
+        DOLLY: [{"instruction": "a", "response": "b"}],
+        MESSAGES: [{"messages": CHAT, "id": 1}],
+        PROMPT_COMPLETION: [{"prompt": "p", "completion": "c"}],
+        PROMPT_COMPLETION_MESSAGES: [{"prompt": CHAT[:2], "completion": [CHAT[2]]}],
+    }
+    assert set(files) == set(DATA_FORMATS)
+    for layout, rows in files.items():
+        records = load_instruction_records(write_jsonl(rows, tmp_path / f"{layout}.jsonl"))
+        assert records_format(records) == layout
+        assert records[0].keys() >= rows[0].keys()  # extra fields are kept
+
+
+def test_a_file_that_mixes_layouts_is_refused_naming_both_lines(tmp_path):
+    path = write_jsonl([{"instruction": "a", "response": "b"}, {"instruction": "c", "response": "d"},
+                        {"messages": CHAT}], tmp_path / "mixed.jsonl")
+    with pytest.raises(DataError, match=r"mixed\.jsonl mixes data layouts: .*line 1 is 'dolly' but .*line 3 is "
+                                        r"'messages'"):
+        load_instruction_records(path)
+    # strings and message lists are two layouts too
+    path = write_jsonl([{"prompt": "p", "completion": "c"}, {"prompt": CHAT[:2], "completion": [CHAT[2]]}],
+                       tmp_path / "pc.jsonl")
+    with pytest.raises(DataError, match="mixes data layouts"):
+        load_instruction_records(path)
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"text": "no layout"}, r"line 1: no known data layout \(fields present: \['text'\]\)"),
+    ({"messages": CHAT, "instruction": "x", "response": "y"}, "fields of several layouts"),
+    ({"completion": "c"}, "missing field 'prompt'"),
+    ({"prompt": "p", "completion": [CHAT[2]]}, "both be strings or both be message lists"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant turn"),
+    ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with string fields"),
+    ({"messages": []}, "non-empty list"),
+])
+def test_bad_records_are_refused_with_the_reason(tmp_path, row, message):
+    with pytest.raises(DataError, match=message):
+        load_instruction_records(write_jsonl([row], tmp_path / "bad.jsonl"))
+
+
+def test_messages_train_every_assistant_turn_and_nothing_else(chat_tokenizer):
+    tok = chat_tokenizer
+    ds = tokenize_examples([{"messages": CHAT}], tok, max_length=256, max_prompt_length=128)
+    (ex,) = ds.examples
+    full = _ids(tok, tok.apply_chat_template(CHAT, tokenize=False))
+    assert ex["input_ids"] == full  # pieces tokenised apart give the same ids here (turn markers split words)
+    trained = [i for i, label in enumerate(ex["labels"]) if label != IGNORE_INDEX]
+    assert [ex["labels"][i] for i in trained] == [ex["input_ids"][i] for i in trained]
+    # the trained tokens are exactly the two assistant answers, each with its end-of-turn EOS
+    runs, run = [], []
+    for i in range(len(ex["labels"])):
+        if ex["labels"][i] != IGNORE_INDEX:
+            run.append(ex["labels"][i])
+        elif run:
+            runs.append(run)
+            run = []
+    runs.append(run)
+    assert [tok.decode(r) for r in runs] == ["7<|endoftext|>", "14<|endoftext|>"]
+    assert ds.stats.format == MESSAGES and ds.stats.response_tokens == len(trained)
+    assert "messages records, 1/1 examples kept" in ds.stats.summary()
+    # the prompt (everything before the first answer) is cut from the left like a Dolly prompt
+    short = tokenize_examples([{"messages": CHAT}], tok, max_length=256, max_prompt_length=4)
+    assert short.stats.prompt_truncated == 1 and short[0]["input_ids"][:4] == full[trained[0] - 4:trained[0]]
+
+
+def test_prompt_completion_strings_and_message_lists(chat_tokenizer):
+    tok = chat_tokenizer
+    ds = tokenize_examples([{"prompt": "Q: 3+4? A:", "completion": " 7"}], tok)
+    prompt, completion = _ids(tok, "Q: 3+4? A:"), _ids(tok, " 7")
+    assert ds[0]["input_ids"] == prompt + completion + [tok.eos_token_id]  # the prompt is used as it is
+    assert ds[0]["labels"] == [IGNORE_INDEX] * len(prompt) + completion + [tok.eos_token_id]
+    record = {"prompt": CHAT[:2], "completion": [CHAT[2]]}
+    ds = tokenize_examples([record], tok)
+    rendered_prompt = tok.apply_chat_template(CHAT[:2], tokenize=False, add_generation_prompt=True)
+    n = len(_ids(tok, rendered_prompt))
+    assert ds[0]["labels"][:n] == [IGNORE_INDEX] * n
+    assert tok.decode(ds[0]["labels"][n:]) == "7<|endoftext|>"
+    assert ds.stats.format == PROMPT_COMPLETION_MESSAGES
+
+
+def test_prompt_and_reference_of_every_layout(chat_tokenizer):
+    tok = chat_tokenizer
+    template = PromptTemplate.from_config("compact")
+    dolly = {"instruction": "Say hi.", "context": "", "response": "hi"}
+    assert prompt_and_reference(dolly, tok, template) == (template.format(dolly), "hi")
+    assert prompt_and_reference({"prompt": "p", "completion": "c"}) == ("p", "c")
+    prompt, reference = prompt_and_reference({"messages": CHAT}, tok)
+    assert reference == "14"  # the LAST assistant turn
+    assert prompt == tok.apply_chat_template(CHAT[:4], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>\n") and "7<|endoftext|>" in prompt
+    assert prompt_and_reference({"prompt": CHAT[:2], "completion": [CHAT[2]]}, tok)[1] == "7"
+
+
+def test_chat_records_need_a_chat_template(lm_tokenizer):
+    assert lm_tokenizer.chat_template is None
+    with pytest.raises(DataError, match="chat template"):
+        tokenize_examples([{"messages": CHAT}], lm_tokenizer)
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(chat_tokenizer):
+    # renders only the last user turn when asked for a generation prompt: not a prefix of the conversation
+    chat_tokenizer.chat_template = (
+        "{% if add_generation_prompt %}{{ messages[-1]['content'] + '>' }}{% else %}"
+        "{% for m in messages %}{{ m['role'] + ':' + m['content'] + eos_token }}{% endfor %}{% endif %}"
+    )
+    with pytest.raises(DataError, match="does not render .* as a prefix"):
+        tokenize_examples([{"messages": CHAT}], chat_tokenizer)
+
+
+def test_a_prompt_that_starts_with_bos_gets_no_second_bos(lm_tokenizer):
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    core = copy.deepcopy(lm_tokenizer.backend_tokenizer)
+    bos_id = lm_tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    core.post_processor = processors.TemplateProcessing(single="<|endoftext|> $A",
+                                                        special_tokens=[("<|endoftext|>", bos_id)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    plain = encode_prompt(tok, "Hello there", 64)[0]
+    assert plain[0] == bos_id and plain[1] != bos_id  # the tokenizer adds its BOS
+    rendered = encode_prompt(tok, "<|endoftext|>Hello there", 64)[0]
+    assert rendered == plain  # a chat template put the BOS there already: not doubled

@@ -139,6 +139,7 @@ def test_vocab_mismatch_is_an_error_unless_cropped(lm_env, tmp_path):
     tiny_gpt2_config(512, n_layer=1, n_embd=32, n_positions=96).save_pretrained(student)
     teacher = tmp_path / "teacher520"
     create_causal_lm(tiny_gpt2_config(520, n_layer=1, n_embd=32, n_positions=96), seed=2).save_pretrained(teacher)
+    lm_env.tokenizer.save_pretrained(teacher)  # same tokenizer, padded output layer: the size check decides
     sections = dict(model={"student": str(student), "teacher": str(teacher), "tokenizer": str(lm_env.student_init)},
                     optim={"max_steps": 2, "grad_accum_steps": 1}, run={"eval_every": 0})
     with pytest.raises(InputError, match=r"teacher 520, student 512.*crop_vocab"):
@@ -151,6 +152,7 @@ def test_vocab_mismatch_is_an_error_unless_cropped(lm_env, tmp_path):
 def test_vocab_mismatch_error_through_the_cli(lm_env, tmp_path, capsys):
     teacher = tmp_path / "teacher520"
     create_causal_lm(tiny_gpt2_config(520, n_layer=1, n_embd=32, n_positions=96), seed=2).save_pretrained(teacher)
+    lm_env.tokenizer.save_pretrained(teacher)
     cfg = lm_env.write_config(tmp_path / "c.yaml", tmp_path / "run", model={"teacher": str(teacher)})
     assert main(["lm-distill", str(cfg)]) == 2
     err = capsys.readouterr().err

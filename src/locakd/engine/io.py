@@ -39,6 +39,8 @@ __all__ = [
     "load_model_state",
     "save_checkpoint",
     "save_config",
+    "swap_in_dir",
+    "temp_dir_for",
 ]
 
 # Test hook: "NAME:K" pauses (sleeps) inside the K-th atomic write of a file or folder called NAME,
@@ -103,7 +105,20 @@ def atomic_write_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
 
     The old ``target`` (if any) is renamed to ``.<name>.old`` first and deleted only after the new
     folder is in place; :func:`clean_stale_files` restores it if a kill falls between the renames.
+    A folder that several processes fill together (a sharded model) uses the two halves of this,
+    :func:`temp_dir_for` and :func:`swap_in_dir`, with the temporary name shared between them.
     """
+    tmp = temp_dir_for(target)
+    try:
+        fill(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    swap_in_dir(tmp, target)
+
+
+def temp_dir_for(target: str | Path) -> Path:
+    """A fresh temporary folder ``.<name>.<random>.tmp`` next to ``target`` (what :func:`clean_stale_files` removes)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     old = target.with_name(f".{target.name}.old")
@@ -112,9 +127,14 @@ def atomic_write_dir(target: str | Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(old)
         else:  # an earlier swap was interrupted between its two renames
             old.rename(target)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+
+
+def swap_in_dir(tmp: str | Path, target: str | Path) -> None:
+    """Replace ``target`` by the filled temporary folder ``tmp`` (from :func:`temp_dir_for`) with two renames."""
+    tmp, target = Path(tmp), Path(target)
+    old = target.with_name(f".{target.name}.old")
     try:
-        fill(tmp)
         _maybe_pause(target.name)
         if target.exists():
             target.rename(old)

@@ -19,7 +19,8 @@ What happens where:
   :mod:`~locakd.engine.distributed`), then :class:`Run` checks the folder.
 * :class:`Run`: ``resume=False`` refuses a folder that already holds a ``last.pt``; ``resume=True`` needs
   one, of the right format, whose config differs from this one only in keys that may change on resume
-  (field metadata, :func:`locakd.config.config_keys`). :attr:`Run.position` is where it stopped.
+  (field metadata, :func:`locakd.config.config_keys`; keys the saved config lacks, added to locakd after
+  it was written, count as their defaults). :attr:`Run.position` is where it stopped.
 * :meth:`Run.begin`: removes what a killed atomic write left (:func:`~locakd.engine.io.clean_stale_files`),
   keeps only the metrics rows up to the checkpoint (all of them go on a fresh start), opens TensorBoard
   with ``purge_step`` so no step appears twice, writes ``config.yaml``.
@@ -41,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..config import config_changes, config_keys, to_dict
+from ..config import config_changes, config_keys, fill_defaults, to_dict
 from ..errors import CheckpointError, ConfigError, NonFiniteLossError
 from . import rng
 from .distributed import DistEnv, all_reduce, barrier, distributed_session, env_from_environment
@@ -107,11 +108,19 @@ class Run:
         self.best_path = self.out_dir / "best.pt"
         self.resumable_keys = config_keys(type(config), resume=True)
         self.logger: RunLogger | None = None
-        self.checkpoint = self._open(resume)
+        self.checkpoint = self.open_checkpoint(resume)
+        if self.checkpoint is not None:
+            self.check_config(self.checkpoint.get("config") or {})
         self.position = int(self.checkpoint[position_key]) if self.checkpoint is not None else 0
         self.wall_before = float(self.checkpoint.get("wall_time_s", 0.0)) if self.checkpoint is not None else 0.0
 
-    def _open(self, resume: bool) -> dict[str, Any] | None:
+    def open_checkpoint(self, resume: bool) -> dict[str, Any] | None:
+        """The state to resume from (``None`` on a fresh start); refuses a folder that holds a run unless resuming.
+
+        This reads ``last.pt``. A pipeline whose checkpoints live elsewhere (the Hugging Face Trainer's
+        ``checkpoint-N/``) overrides it, returning the entries the run reads: ``position_key``, ``config``
+        (the config the checkpoint was written with) and ``wall_time_s``.
+        """
         last = self.last_path
         if not resume:
             if last.is_file():
@@ -134,13 +143,19 @@ class Run:
             raise CheckpointError(
                 f"{last} is not a {self.checkpoint_format} checkpoint (format {found!r}){hint}"
             )
-        changes = config_changes(state.get("config") or {}, to_dict(self.config), self.resumable_keys)
+        return state
+
+    def check_config(self, saved: dict[str, Any]) -> None:
+        """Refuse to resume when ``saved`` (the checkpoint's config) differs from this run's config in a key
+        that may not change on resume. Keys the saved config lacks (added to locakd after it was written)
+        count as their defaults, so only real changes are reported."""
+        saved = fill_defaults(type(self.config), saved)
+        changes = config_changes(saved, to_dict(self.config), self.resumable_keys)
         if changes:
             raise ConfigError(
                 f"cannot resume {self.out_dir} with a different config ({'; '.join(changes)}); only "
                 f"{', '.join(sorted(self.resumable_keys))} may change"
             )
-        return state
 
     # ------------------------------------------------------------------ state
 

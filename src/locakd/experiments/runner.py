@@ -124,13 +124,14 @@ def check_same_experiment(spec: RunSpec) -> None:
     """Raise ConfigError if ``spec.out_dir/config.yaml`` describes a different experiment than ``spec``."""
     import yaml
 
-    from ..config import config_keys, flatten, to_dict
+    from ..config import config_keys, fill_defaults, flatten, to_dict
     from ..image.config import ImageExperimentConfig
 
     saved_path = Path(spec.out_dir) / "config.yaml"
     if not saved_path.is_file():
         return
-    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    # keys added to locakd after the run was written count as their defaults
+    saved = flatten(fill_defaults(ImageExperimentConfig, yaml.safe_load(saved_path.read_text()) or {}))
     # Round-trip through YAML so that tuples / floats compare as they were written.
     current = flatten(yaml.safe_load(yaml.safe_dump(to_dict(spec.config()), sort_keys=False)))
     # Keys that change no result (paths, device, logging) may differ; the seed may not.

@@ -28,7 +28,7 @@ from .data import (
     tokenize_examples,
     train_test_split_records,
 )
-from .models import create_causal_lm, load_causal_lm, load_tokenizer
+from .models import apply_lora, check_teacher_tokenizer, create_causal_lm, load_causal_lm, load_tokenizer
 
 __all__ = [
     "VALID_HOLDOUT_SEED",
@@ -117,7 +117,9 @@ def load_run_tokenizer(config: LMExperimentConfig, source: str | None = None) ->
 
 
 def load_student(config: LMExperimentConfig, device: torch.device) -> nn.Module:
-    """The model to train: ``from_pretrained``, or a fresh random init from its config (``model.init: scratch``)."""
+    """The model to train: ``from_pretrained``, or a fresh random init from its config (``model.init: scratch``).
+
+    With ``model.lora.r > 0`` the student is wrapped in LoRA adapters (``peft``) and only they train."""
     source = config.model.student
     if not source:
         raise ConfigError("model.student is required: a save_pretrained folder or a Hugging Face hub name")
@@ -132,13 +134,24 @@ def load_student(config: LMExperimentConfig, device: torch.device) -> nn.Module:
     else:
         with quiet_transformers():
             model = load_causal_lm(source, dtype="float32")
+    lora = config.model.lora
+    if lora.r:  # only the adapters train; best/ and final/ then hold the adapter
+        model = apply_lora(model, lora.r, lora.alpha, lora.dropout, lora.target_modules)
     return model.to(device)
 
 
-def load_teacher(config: LMExperimentConfig, device: torch.device) -> FrozenTeacher:
-    """The frozen teacher in ``model.teacher_dtype``, eval mode, no gradients."""
+def load_teacher(config: LMExperimentConfig, device: torch.device, tokenizer: Any = None) -> FrozenTeacher:
+    """The frozen teacher in ``model.teacher_dtype``, eval mode, no gradients.
+
+    Unless ``model.check_tokenizer`` is false, the tokenizer saved with the teacher must equal the run's
+    tokenizer (``tokenizer``, loaded from the config when None): vocabulary, special tokens, encoding;
+    otherwise an error says how they differ. The check runs before the teacher's weights are loaded.
+    """
     if not config.model.teacher:
         raise ConfigError(f"method '{config.method.name}' needs a teacher: set model.teacher")
+    if config.model.check_tokenizer:
+        check_teacher_tokenizer(config.model.teacher, tokenizer if tokenizer is not None else load_run_tokenizer(config),
+                                opt_out="model.check_tokenizer=false")
     with quiet_transformers():
         model = load_causal_lm(config.model.teacher, dtype=config.model.teacher_dtype, device=device)
     return FrozenTeacher(model)

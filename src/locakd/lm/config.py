@@ -3,14 +3,15 @@
 A YAML file with the sections below, loaded strictly by :func:`load_lm_config` (an unknown key, a value
 of the wrong type or an unknown method name raises :class:`~locakd.errors.ConfigError` naming it)::
 
-    model:  {student: path/or/hub-name, teacher: ..., tokenizer: ..., teacher_dtype: float32, crop_vocab: false}
+    model:  {student: path/or/hub-name, teacher: ..., tokenizer: ..., teacher_dtype: float32, crop_vocab: false,
+             check_tokenizer: true, lora: {r: 0, alpha: 16, dropout: 0.0, target_modules: null}}
     data:   {train: train.jsonl, valid: valid.jsonl, test: test.jsonl, template: alpaca,
              max_length: 512, max_prompt_length: 256}
     method: {name: kd+loca, kd_ratio: 0.5, loca_alpha: 0.9, temperature: 1.0, chunk_size: 1024}
     optim:  {lr: 5.0e-4, weight_decay: 0.01, warmup_ratio: 0.0, schedule: cosine, grad_clip: 1.0,
              micro_batch_size: 8, grad_accum_steps: 1, epochs: 10}
-    run:    {seed: 0, device: auto, precision: float32, out_dir: runs/lm, eval_every: 0}  (shared keys:
-            locakd.config.RunSection)
+    run:    {seed: 0, device: auto, precision: float32, out_dir: runs/lm, eval_every: 0, engine: own}  (shared
+            keys: locakd.config.RunSection)
     eval:   {max_new_tokens: 128, do_sample: true, seeds: [10, 20, 30, 40, 50], select_by: rouge_l}
 
 The defaults follow the MiniLLM KD recipe the LoCa paper builds on (AdamW lr 5e-4, wd 1e-2, cosine,
@@ -71,6 +72,16 @@ def _help(text: str, default: Any = None, factory: Any = None, *, resume: bool =
 
 
 @dataclass
+class LMLoraConfig:
+    r: int = _help("LoRA rank: 0 trains the whole student; > 0 trains LoRA adapters only (peft: pip install "
+                   "'locakd[hf]'); best/ and final/ then hold the adapter", 0)
+    alpha: float = _help("LoRA alpha (the adapter update is scaled by alpha / r)", 16.0)
+    dropout: float = _help("dropout on the LoRA input", 0.0)
+    target_modules: list[str] | str | None = _help(
+        "modules to adapt, e.g. [q_proj, v_proj] or all-linear; null: peft's default for the architecture", None)
+
+
+@dataclass
 class LMModelConfig:
     student: str = _help("model to train: a save_pretrained folder or a hub name (lm-sft: the teacher to fine-tune)", "")
     teacher: str | None = _help("teacher for lm-distill (folder or hub name); None for sft", None)
@@ -84,18 +95,24 @@ class LMModelConfig:
         "if teacher and student output sizes differ (padded embedding rows), compare the shared first V logits",
         False,
     )
+    check_tokenizer: bool = _help(
+        "refuse a teacher whose tokenizer (read from model.teacher) differs from the student's in vocabulary, "
+        "special tokens or encoding; false skips the check", True, resume=True, identity="none")
+    lora: LMLoraConfig = field(default_factory=LMLoraConfig)
 
 
 @dataclass
 class LMDataConfig:
-    train: str = _help("training records: Dolly-layout .jsonl or a Hugging Face dataset name", "")
+    train: str = _help("training records (.jsonl or a Hugging Face dataset name) in one layout per file: Dolly "
+                       "instruction/context/response, chat 'messages', or 'prompt'/'completion'", "")
     valid: str | None = _help("validation records (checkpoint selection); None: see valid_holdout", None)
     test: str | None = _help("test records for lm-eval", None, resume=True, identity="none")
     train_split: str = _help("split name when train is a HF dataset", "train")
     valid_split: str = _help("split name when valid is a HF dataset", "validation")
     test_split: str = _help("split name when test is a HF dataset", "test", resume=True, identity="none")
     valid_holdout: int = _help("without data.valid: hold out this many training records as validation", 0)
-    template: str = _help("prompt template preset: alpaca (MiniLLM/Dolly) or compact", "alpaca")
+    template: str = _help("prompt template of Dolly records: alpaca (MiniLLM) or compact (chat records use the "
+                          "tokenizer's chat template)", "alpaca")
     prompt_with_context: str | None = _help("custom template ({instruction}, {context}); overrides the preset", None)
     prompt_without_context: str | None = _help("custom template ({instruction}); overrides the preset", None)
     max_length: int = _help("max tokens per example (prompt + response + EOS)", 512)
@@ -143,6 +160,10 @@ class LMRunConfig(RunSection):
     log_every: int = _help("log training metrics every N optimizer steps", 10, resume=True, identity="none")
     eval_every: int = _help("validate every N optimizer steps (0: at the end of every epoch)", 0, resume=True, identity="run")
     save_every: int = _help("write last.pt every N optimizer steps (0: at every validation)", 0, resume=True, identity="none")
+    engine: Literal["own", "hf"] = _help(
+        "own: locakd's training loop (DDP under torchrun); hf: transformers.Trainer through "
+        "locakd.hf.DistillationTrainer (DDP, FSDP or DeepSpeed under accelerate launch). Fixed for the life of "
+        "a run: the two engines keep different checkpoints (last.pt vs checkpoint-N/) and data orders", "own")
 
 
 @dataclass
@@ -190,6 +211,12 @@ class LMExperimentConfig:
         check(m.chunk_size is None or m.chunk_size >= 1, f"method.chunk_size must be >= 1 or null, got {m.chunk_size}")
         if spec.uses_teacher and m.kd_ratio == 0.0:
             raise ConfigError(f"method '{m.name}' with method.kd_ratio 0 trains on CE only; use method sft instead")
+        lora = self.model.lora
+        check(lora.r >= 0, f"model.lora.r must be >= 0 (0: no LoRA), got {lora.r}")
+        check(lora.alpha > 0, f"model.lora.alpha must be > 0, got {lora.alpha}")
+        check(0.0 <= lora.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
+        check(not (lora.r and self.model.init == "scratch"),
+              "model.lora trains adapters on a pretrained student; it cannot be combined with model.init: scratch")
         check(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
         check(1 <= d.max_prompt_length <= d.max_length,
               f"data.max_prompt_length must be in [1, data.max_length={d.max_length}], got {d.max_prompt_length}")

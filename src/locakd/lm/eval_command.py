@@ -24,7 +24,7 @@ from .build import (
     teacher_misinstruction,
 )
 from .config import LMExperimentConfig, load_lm_config
-from .models import load_causal_lm
+from .models import is_model_dir, load_causal_lm
 
 __all__ = ["resolve_eval_source", "run_lm_eval"]
 
@@ -44,9 +44,9 @@ def resolve_eval_source(source: str | Path, overrides: list[str] | None = None,
         config = load_lm_config(cfg_path, overrides)
         which = checkpoint or config.eval.checkpoint
         model_dir = path / which
-        if not (model_dir / "config.json").is_file():
+        if not is_model_dir(model_dir):  # a whole model (config.json) or a LoRA adapter
             fallback = path / "final"
-            if which == "best" and (fallback / "config.json").is_file():
+            if which == "best" and is_model_dir(fallback):
                 _info(f"lm-eval: {model_dir} not found (the run had no validation set); using {fallback}")
                 model_dir = fallback
             else:
@@ -100,7 +100,7 @@ def run_lm_eval(source: str | Path, overrides: list[str] | None = None, *, out_d
         "generation_time_s": round(time.time() - started, 2),
     }
     if config.model.teacher:
-        teacher = load_teacher(config, device)
+        teacher = load_teacher(config, device, tokenizer)
         result["teacher_misinstruction"] = teacher_misinstruction(config, teacher, tokenizer)
         del teacher
     out.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,9 @@ from torch import nn
 
 from locakd.calibration import misinstruction_mask
 from locakd.errors import ConfigError, DataError, InputError
-from locakd.lm.data import IGNORE_INDEX, PromptTemplate, encode_prompt, shift_for_next_token
+from locakd.lm.data import IGNORE_INDEX, PromptTemplate, encode_prompt, prompt_and_reference
 from locakd.losses.objectives import crop_logits
+from locakd.losses.token import shift_for_next_token
 
 
 def _model_device(model: nn.Module, default: torch.device | str = "cpu") -> torch.device:
@@ -189,7 +190,11 @@ def evaluate_generation(
     output_path: str | os.PathLike[str] | None = None,
     case_sensitive: bool = True,
 ) -> dict[str, Any]:
-    """Generate a response for every record once per seed and score it against ``record["response"]``.
+    """Generate a response for every record once per seed and score it against its reference.
+
+    Prompt and reference come from :func:`locakd.lm.data.prompt_and_reference` (Dolly: the template's
+    prompt and ``response``; chat and prompt/completion records: the prompt before the last assistant
+    turn / the completion).
 
     Returns a dict (metrics in PERCENT, 0-100)::
 
@@ -210,8 +215,8 @@ def evaluate_generation(
     if not seeds:
         raise ConfigError("evaluate_generation: seeds must contain at least one seed")
     template = template or PromptTemplate()
-    prompts = [template.format(r) for r in records]
-    references = [r["response"] for r in records]
+    pairs = [prompt_and_reference(r, tokenizer, template) for r in records]
+    prompts, references = [p for p, _ in pairs], [ref for _, ref in pairs]
     categories = [r.get("category") for r in records]
     per_seed: list[dict[str, float]] = []
     by_category: dict[str, list[tuple[float, float]]] = {}
@@ -299,7 +304,7 @@ def teacher_misinstruction_rate(
     may return a tensor, a tuple, or an object with ``.logits``.
 
     Next-token shift: the logits at position ``t`` predict ``labels[t + 1]``, so the comparison is
-    ``logits[:, :-1]`` vs ``labels[:, 1:]`` (:func:`locakd.lm.data.shift_for_next_token`), counting only
+    ``logits[:, :-1]`` vs ``labels[:, 1:]`` (:func:`locakd.losses.token.shift_for_next_token`), counting only
     positions whose shifted label is not ``ignore_index``. A position is mis-instructed when the
     teacher's top token is not the label (a tie with the label counts as right, as in the calibration,
     :func:`locakd.calibration.misinstruction_mask`); ``top1_accuracy = 1 - misinstruction_rate``.

@@ -44,6 +44,7 @@ from ..engine.runtime import autocast_context, make_grad_scaler, seed_everything
 from ..errors import CheckpointError, ConfigError
 from ..losses.objectives import LMObjective, summed_cross_entropy
 from ..losses.objectives import LossTerms as LossTerms  # moved there; importable from here for one release
+from ..losses.token import shift_for_next_token
 from .build import (
     check_positions,
     load_run_tokenizer,
@@ -60,7 +61,7 @@ from .build import (
 from .build import lr_factor as lr_factor  # moved there; importable from here for one release
 from .build import warmup_steps_of as warmup_steps_of  # (same)
 from .config import LMExperimentConfig
-from .data import count_valid_tokens, make_collate_fn, shift_for_next_token
+from .data import count_valid_tokens, make_collate_fn
 from .models import check_vocab
 
 __all__ = [
@@ -68,6 +69,7 @@ __all__ = [
     "StepStats",
     "accumulate_gradients",
     "check_command",
+    "improves_on_best",
     "step_micro_batches",
     "train_lm",
     "validation_generation",
@@ -223,15 +225,18 @@ def validation_generation(model: nn.Module, tokenizer: Any, records: Sequence[di
 # --------------------------------------------------------------------------------------------------
 
 
-def _better(metric: str, value: float, loss: float, best: dict[str, Any]) -> bool:
-    """Is (value, valid loss) better than the best so far? Ties of a generation metric go to the lower loss."""
+def improves_on_best(metric: str, value: float, loss: float, best: dict[str, Any]) -> bool:
+    """Is (value, valid loss) better than the best so far? Ties of a generation metric go to the lower loss.
+
+    ``best`` holds ``value`` and ``loss`` of the best validation so far (``None`` before the first);
+    both engines select ``best/`` with it."""
     if best["value"] is None:
         return True
     if metric == "loss":
         return value < best["value"]
     if value != best["value"]:
         return value > best["value"]
-    return loss < best.get("loss", math.inf)
+    return loss < (best["loss"] if best.get("loss") is not None else math.inf)
 
 
 def check_command(config: LMExperimentConfig, command: str) -> None:
@@ -259,6 +264,10 @@ def train_lm(config: LMExperimentConfig, *, command: str = "lm-distill", resume:
     check_command(config, command)
     if stop_after_steps is not None and stop_after_steps < 1:
         raise ConfigError(f"stop_after_steps must be >= 1, got {stop_after_steps}")
+    if config.run.engine == "hf":  # transformers.Trainer; accelerate launch gives DDP / FSDP / DeepSpeed
+        from .hf_run import train_with_hf
+
+        return train_with_hf(config, command=command, resume=resume, stop_after_steps=stop_after_steps)
     with open_run(config, out_dir=config.run.out_dir, command=command, checkpoint_format=CHECKPOINT_FORMAT,
                   position_key="step", resume=resume) as run:
         return _LMRun(config, command, run).fit(stop_after_steps)
@@ -288,7 +297,7 @@ class _LMRun:
         check_positions(self.student, config.data.max_length, "student")
         self.teacher = None
         if config.model.teacher and command == "lm-distill":
-            self.teacher = load_teacher(config, device)
+            self.teacher = load_teacher(config, device, self.tokenizer)  # checks the tokenizers first
             check_positions(self.teacher, config.data.max_length, "teacher")
         self.vocab = check_vocab(self.teacher, self.student, self.tokenizer, crop_to_shared=config.model.crop_vocab)
         self.objective = LMObjective.from_config(config.method,
@@ -499,7 +508,7 @@ class _LMRun:
         logger = self.run.logger
         logger.log(step, metrics, tag="valid")
         value = metrics[self.select_by]
-        improved = _better(self.select_by, value, metrics["loss"], best)
+        improved = improves_on_best(self.select_by, value, metrics["loss"], best)
         if improved:
             best.update(value=value, step=step, loss=metrics["loss"])
             if env.is_main:
