@@ -741,11 +741,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--threads", type=parse_ints, default=[1, 2],
                         help="comma-separated torch thread counts; every row is timed at each (default 1,2)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed pairs per row at most (default 7)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed pairs per row at most (default 101; --quick: 5)")
     parser.add_argument("--min-repeats", type=int, default=3,
                         help="timed pairs per row at least, whatever --row-seconds says (default 3)")
-    parser.add_argument("--row-seconds", type=float, default=60.0,
-                        help="stop adding pairs to a row once it has --min-repeats and ran this long (default 60)")
+    parser.add_argument("--row-seconds", type=float, default=None,
+                        help="stop adding pairs to a row once it has --min-repeats and ran this long, so fast rows "
+                        "get many pairs and slow ones few (default 20; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1,
                         help="untimed rounds (reference + variant) before timing, at least 1: the first also "
                         "checks that the values agree (default 1)")
@@ -808,6 +810,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.render) as fh:
             print(markdown_report(json.load(fh)), end="")
         return 0
+    if args.repeats is None:
+        args.repeats = 5 if args.quick else 101
+    if args.row_seconds is None:
+        args.row_seconds = 1.0 if args.quick else 20.0
     if args.repeats < 1 or args.min_repeats < 1 or args.warmup < 1:
         raise SystemExit("--repeats, --min-repeats and --warmup must be >= 1")
     chunks = tuple(args.chunks or ((16, 32) if args.quick else (512, 1024)))
