@@ -458,6 +458,8 @@ def all_variants(cfg: Config, with_compile: bool) -> dict[str, list[Variant]]:
 # ------------------------------------------------------------------------------------------ timing
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+CLOCK_TEXT = {"wall": "wall time (`time.perf_counter`)",
+              "cpu": "CPU time of the process (`time.process_time`; blind to time lost to other processes)"}
 
 
 def run_once(fn: LossFn, x: Inputs, clock) -> tuple[float, torch.Tensor]:
@@ -658,29 +660,51 @@ def mib_text(mib: float) -> str:
     return f"{mib:.0f}" if abs(mib) >= 100 else f"{mib:.1f}"
 
 
-def markdown_report(report: dict) -> str:
-    m, cfg = report["machine"], report["config"]
-    threads = cfg["threads"]
-    reference_memory = {(r["group"], tuple(r["shape"]), r["name"]): r for r in report["reference_memory"]}
-    lines = [
-        "## Loss speed (forward + backward, float32, CPU)",
-        "",
-        "```bash",
-        report["command"],
-        "```",
-        "",
-        f"Machine: {m['cpu']} ({m['cores']} cores visible, {m['memory_gib']:.0f} GiB), torch {m['torch']}, "
-        f"Python {m['python']}; {m['date']}; load average at start {m['load_average'][0]:.1f}, at end "
-        f"{report['load_average_end'][0]:.1f}.",
+def merge_reports(reports: list[dict]) -> dict:
+    """One report from several runs (e.g. a 1-thread and a 2-thread one): rows joined by name and shape."""
+    rows: dict[tuple, dict] = {}
+    reference_memory: dict[tuple, dict] = {}
+    threads: list[int] = []
+    for report in reports:
+        threads += [t for t in report["config"]["threads"] if t not in threads]
+        for row in report["rows"]:
+            merged = rows.setdefault((row["name"], tuple(row["shape"])), {**row, "results": {}})
+            for key, result in row["results"].items():
+                merged["results"].setdefault(key, result)
+            if not merged.get("memory") and row.get("memory"):
+                merged["memory"] = row["memory"]
+        for mem in report["reference_memory"]:
+            reference_memory.setdefault((mem["group"], tuple(mem["shape"]), mem["name"]), mem)
+    return {"runs": reports, "threads": threads, "rows": list(rows.values()), "reference_memory": reference_memory}
+
+
+def markdown_report(reports: list[dict]) -> str:
+    """The paste-ready BENCHMARKS.md section of one or several runs (their rows side by side)."""
+    merged = merge_reports(reports)
+    threads, cfg = merged["threads"], reports[0]["config"]
+    lines = ["## Loss speed (forward + backward, float32, CPU)", "", "```bash"]
+    lines += [report["command"] for report in reports] + ["```", ""]
+    for report in reports:
+        m, run = report["machine"], report["config"]
+        lines.append(
+            f"- threads {','.join(map(str, run['threads']))}: {m['cpu']} ({m['cores']} cores visible, "
+            f"{m['memory_gib']:.0f} GiB), torch {m['torch']}, Python {m['python']}; {m['date']}; load average "
+            f"{m['load_average'][0]:.1f} at the start, {report['load_average_end'][0]:.1f} at the end; clock: "
+            f"{CLOCK_TEXT.get(run['clock'], run['clock'])}; {run['min_repeats']}-{run['repeats']} pairs per row "
+            f"(a row stops adding pairs after {run['row_seconds']:g} s), {run['warmup']} untimed round(s) first."
+        )
+    lines += [
         "",
         "Each cell: median over repetitions of the paired ratio time(variant) / time(reference), "
         "interquartile range and the number of pairs n in brackets; below 1 is faster than the reference. "
+        "Reference and variant run back to back, in alternating order. "
         f"ms: median times of variant / reference at {threads[0]} thread(s). Memory: peak extra resident "
         "memory of one forward + backward in a fresh process, variant / reference, with the number of "
-        "float32 [rows, classes] copies in brackets (the input gradient is one of them).",
+        "float32 [rows, classes] copies in brackets (the input gradient is one of them); \"same value\": "
+        "the variant's loss and gradient equal the reference's within float32 rounding.",
     ]
     for group in ("kd", "token", "linear"):
-        rows = [r for r in report["rows"] if r["group"] == group]
+        rows = [r for r in merged["rows"] if r["group"] == group]
         if not rows:
             continue
         title = GROUP_TITLES[group].format(T=cfg["temperature"], alpha=cfg["alpha"], mis=cfg["mis_rate"],
@@ -702,7 +726,7 @@ def markdown_report(report: dict) -> str:
                 notes.append("same value")
             cells = [row["label"], shape_text(row["shape"]), row["reference_label"]]
             cells += [ratio_cell(by_thread.get(str(t))) for t in threads]
-            cells += [ms, memory_cell(row, reference_memory), "; ".join(notes)]
+            cells += [ms, memory_cell(row, merged["reference_memory"]), "; ".join(notes)]
             lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -788,8 +812,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the generated inputs")
     parser.add_argument("--json", metavar="OUT", help="write every measurement (per-pair ratios included) here")
     parser.add_argument("--markdown", metavar="OUT", help="write a paste-ready BENCHMARKS.md section here")
-    parser.add_argument("--render", metavar="JSON",
-                        help="measure nothing: print the markdown section of a --json file written earlier")
+    parser.add_argument("--render", metavar="JSON", nargs="+",
+                        help="measure nothing: print the markdown section of --json files written earlier (several "
+                        "runs, e.g. one per thread count, become one table)")
     parser.add_argument("--memory-worker", help=argparse.SUPPRESS)
     return parser
 
@@ -807,8 +832,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_worker(json.loads(args.memory_worker))))
         return 0
     if args.render:
-        with open(args.render) as fh:
-            print(markdown_report(json.load(fh)), end="")
+        reports = []
+        for path in args.render:
+            with open(path) as fh:
+                reports.append(json.load(fh))
+        print(markdown_report(reports), end="")
         return 0
     if args.repeats is None:
         args.repeats = 5 if args.quick else 101
@@ -947,7 +975,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {args.json}")
     if args.markdown:
         with open(args.markdown, "w") as fh:
-            fh.write(markdown_report(report))
+            fh.write(markdown_report([report]))
         print(f"wrote {args.markdown}")
     return 1 if failed else 0
 
