@@ -656,6 +656,10 @@ def memory_cell(row: dict, refs: dict) -> str:
     return text
 
 
+def ms_text(ms: float) -> str:
+    return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"
+
+
 def mib_text(mib: float) -> str:
     return f"{mib:.0f}" if abs(mib) >= 100 else f"{mib:.1f}"
 
@@ -716,7 +720,7 @@ def markdown_report(reports: list[dict]) -> str:
         for row in rows:
             by_thread = row["results"]
             first = by_thread.get(str(threads[0])) or {}
-            ms = (f"{first['var_median_ms']:.4g} / {first['ref_median_ms']:.4g}"
+            ms = (f"{ms_text(first['var_median_ms'])} / {ms_text(first['ref_median_ms'])}"
                   if first.get("status") == "ok" else "—")
             notes = [row["status"]] if row["status"] != "ok" else []
             checks = {r.get("value_check") for r in by_thread.values() if r.get("value_check")}
@@ -924,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
                             failed |= result.get("value_check") == "MISMATCH"
                             print(f"[{index}/{len(rows)}] {row['name']} {shape_text(shape)} threads={threads}: "
                                   f"{ratio_cell(result)}"
-                                  + (f", {result['var_median_ms']:.4g} vs {result['ref_median_ms']:.4g} ms, "
+                                  + (f", {ms_text(result['var_median_ms'])} vs {ms_text(result['ref_median_ms'])} ms, "
                                      f"values {result['value_check']}" if result.get("status") == "ok" else "")
                                   + f" ({time.perf_counter() - started:.0f} s)", flush=True)
                             if args.profile and threads == args.threads[0] and result.get("status") == "ok":
