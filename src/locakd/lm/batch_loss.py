@@ -21,6 +21,7 @@ cached sparse teacher) is one more class with the same two methods.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -31,7 +32,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses.objectives import LMObjective, LossTerms, head_cross_entropy_sum, summed_cross_entropy
 from ..losses.token import shift_for_next_token
-from .fused_head import FUSED_SETTING, HeadTap
+from .fused_head import FUSED_SETTING, HeadTap, is_sharded
 
 __all__ = ["DenseLogits", "FusedHead", "MicroBatchLoss", "logits_of", "micro_batch_loss"]
 
@@ -109,6 +110,8 @@ class FusedHead:
     teacher: nn.Module | None = None
 
     def __post_init__(self) -> None:
+        # an FSDP-sharded teacher frees its gathered head after the forward: the tap keeps a float32 copy
+        self._teacher_sharded = self.teacher is not None and is_sharded(self.teacher)
         if not self.objective.uses_teacher:
             raise ConfigError(f"{FUSED_SETTING} fuses the divergence to a teacher with the cross-entropy; method "
                               f"'{self.objective.spec.name}' has no divergence: set it to false")
@@ -119,7 +122,7 @@ class FusedHead:
             raise ConfigError(f"method '{self.objective.spec.name}' needs a teacher")
         forward = _forward_kwargs(batch)
         ids = batch["input_ids"]
-        with torch.no_grad(), HeadTap(self.teacher, "teacher") as teacher_tap:
+        with torch.no_grad(), HeadTap(self.teacher, "teacher", copy_weights=self._teacher_sharded) as teacher_tap:
             self.teacher(**forward)
         with _maybe(autocast), HeadTap(student, "student") as student_tap:
             output = student(**forward)
@@ -128,7 +131,14 @@ class FusedHead:
         with torch.autocast(student_head.hidden.device.type, enabled=False):
             terms = self.objective.fused(student_head, batch["labels"], teacher_head, normalizer,
                                          count_misinstructed=count_misinstructed)
-        return terms, output
+        # Tie the loss to the forward's output, the empty [B, 0, V] logits (their sum is exactly 0): wrappers that
+        # hook the outputs to follow the backward (FSDP1's pre-backward hooks, DDP's unused-parameter search)
+        # then see it, as they do for a loss computed from the logits.
+        empty = logits_of(output)
+        if empty.numel() != 0:
+            raise ConfigError(f"{FUSED_SETTING}: the student's forward returned logits of shape {tuple(empty.shape)} "
+                              "although its output layer received no position; set it to false for this model")
+        return dataclasses.replace(terms, loss=terms.loss + empty.sum()), output
 
     def summed_ce(self, model: nn.Module, batch: Mapping[str, torch.Tensor], *,
                   autocast: Any = None) -> tuple[torch.Tensor, Any]:

@@ -25,7 +25,7 @@ from torch import nn
 from locakd.calibration import misinstruction_mask
 from locakd.errors import ConfigError, DataError, InputError
 from locakd.lm.data import IGNORE_INDEX, PromptTemplate, encode_prompt, prompt_and_reference
-from locakd.lm.fused_head import HeadTap
+from locakd.lm.fused_head import HeadTap, is_sharded
 from locakd.losses.objectives import crop_head, crop_logits, head_misinstructed_count
 from locakd.losses.token import shift_for_next_token
 
@@ -338,7 +338,7 @@ def teacher_misinstruction_rate(
                 if mask is not None:
                     kwargs["attention_mask"] = mask.to(device)
                 if fused_lm_head:
-                    with HeadTap(teacher, "teacher") as tap:
+                    with HeadTap(teacher, "teacher", copy_weights=is_sharded(teacher)) as tap:
                         teacher(**kwargs)
                     head = tap.inputs(input_ids)
                     hidden, targets = shift_for_next_token(head.hidden, labels)

@@ -23,7 +23,10 @@ the others with a :class:`~locakd.errors.ConfigError` naming the setting, before
   cropping or a second head call all show) and the model must return it unchanged.
 
 At every forward :class:`HeadTap` checks again that the layer was called exactly once, on every
-position, and that its weight is materialised (DeepSpeed ZeRO-3 partitions it: refused).
+position, and that its weight is still materialised (DeepSpeed ZeRO-3 partitions it: refused). An
+FSDP-sharded teacher frees its gathered weights when its forward ends (no backward follows), so its tap
+keeps a float32 copy of the head taken in the hook: the copy the fused loss would make of a bf16 / fp16
+head anyway, ``V x H`` floats.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..losses.objectives import HeadInputs
 
-__all__ = ["FUSED_SETTING", "LOGIT_POST_PROCESSING", "HeadTap", "check_fused_head", "output_layers"]
+__all__ = ["FUSED_SETTING", "LOGIT_POST_PROCESSING", "HeadTap", "check_fused_head", "is_sharded", "output_layers"]
 
 FUSED_SETTING = "method.fused_lm_head (DistillationArguments.fused_lm_head)"
 """How errors name the setting: the YAML key of both engines and the Trainer argument."""
@@ -112,11 +115,14 @@ class HeadTap:
 
     ``model`` may be wrapped (DDP, FSDP, a :class:`~locakd.teachers.FrozenTeacher`, a peft model): call the
     wrapper, the tap sits on the inner output layer. The hook is removed on leaving the block, so
-    generation and plain forwards outside it are untouched.
+    generation and plain forwards outside it are untouched. ``copy_weights`` (for a model without gradient
+    whose parameters are resharded after its forward, see :func:`is_sharded`) keeps float32 copies of the
+    weight and bias instead of the layer's own tensors.
     """
 
-    def __init__(self, model: nn.Module, what: str) -> None:
+    def __init__(self, model: nn.Module, what: str, *, copy_weights: bool = False) -> None:
         self.what = what
+        self.copy_weights = copy_weights  # keep a float32 copy of the head (a sharded model frees the gathered one)
         self.head, self.layers = output_layers(model, what)
         self._captured: HeadInputs | None = None
         self._calls = 0
@@ -136,7 +142,12 @@ class HeadTap:
         self._calls += 1
         hidden = args[0]
         # the weight and bias as they are now: FSDP has gathered them for this forward
-        self._captured = HeadInputs(hidden, layer.weight, layer.bias)
+        weight, bias = layer.weight, layer.bias
+        if self.copy_weights:
+            dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+            weight = weight.detach().to(dtype, copy=True)
+            bias = None if bias is None else bias.detach().to(dtype, copy=True)
+        self._captured = HeadInputs(hidden, weight, bias)
         return (hidden[..., :0, :], *args[1:])
 
     def inputs(self, input_ids: torch.Tensor) -> HeadInputs:
@@ -157,6 +168,16 @@ class HeadTap:
                               f"forward (shape {tuple(weight.shape)}; partitioned by DeepSpeed ZeRO-3 or resharded by "
                               "FSDP?); the fused path needs the whole head weight; set it to false")
         return captured
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Is any part of ``model`` managed by FSDP (FSDP1 wrapper or FSDP2 ``fully_shard``)? Such a model without
+    gradient frees its gathered parameters when its forward ends."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(module, (FSDPModule, FullyShardedDataParallel)) for module in model.modules())
 
 
 def _probe_input(model: nn.Module, vocab: int) -> dict[str, torch.Tensor]:
