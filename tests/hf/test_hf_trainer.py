@@ -139,8 +139,9 @@ def test_arguments_show_in_hf_argument_parser_and_are_validated(tmp_path):
         hf.DistillationArguments(output_dir=str(tmp_path), method="kd+foo")
     with pytest.raises(ConfigError, match="loca_alpha must be in"):
         hf.DistillationArguments(output_dir=str(tmp_path), loca_alpha=1.0)
-    with pytest.raises(ConfigError, match="fused_lm_head.*not available"):
-        hf.DistillationArguments(output_dir=str(tmp_path), fused_lm_head=True)
+    assert hf.DistillationArguments(output_dir=str(tmp_path), fused_lm_head=True).fused_lm_head
+    with pytest.raises(ConfigError, match="fused_lm_head=True fuses the divergence .* method 'sft' has no divergence"):
+        hf.DistillationArguments(output_dir=str(tmp_path), method="sft", fused_lm_head=True)
 
 
 def test_a_method_that_needs_a_teacher_refuses_to_run_without_one(hf_env, tmp_path):

@@ -128,3 +128,152 @@ def test_a_failing_rank_stops_the_run(lm_env, tmp_path):
     assert "injected failure on rank 1" in output
     assert time.time() - started < TIMEOUT_S
     assert not (tmp_path / "run" / "final").exists()
+
+
+# The fused lm-head path under the wrappers that synchronise or shard the student: the student's forward runs
+# through the wrapper (a forward pre-hook on the output layer takes its input and hands it an empty slice) and the
+# head weight gets its gradient from the fused loss. Every rank's gradient must equal one process's logits-path
+# gradient on the whole batch, for a tied (GPT-2) and an untied (Llama) head.
+FUSED_SCRIPT = textwrap.dedent("""
+    import copy
+    import math
+    import sys
+    from types import SimpleNamespace
+
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from transformers import LlamaConfig
+    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    sys.modules.setdefault("torchao", None)  # see tests/hf/conftest.py
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from locakd.lm.batch_loss import DenseLogits, FusedHead
+    from locakd.lm.config import method_spec
+    from locakd.lm.fused_head import HeadTap
+    from locakd.lm.hf_trainer import _prepare_fsdp_teacher
+    from locakd.lm.models import FrozenTeacher, create_causal_lm, tiny_gpt2_config
+    from locakd.lm.trainer import accumulate_gradients
+    from locakd.losses.objectives import LMObjective
+
+    EPS32 = torch.finfo(torch.float32).eps
+    V = 300
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+
+    def llama(layers):
+        return LlamaConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                           num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False,
+                           bos_token_id=0, eos_token_id=0, pad_token_id=0)
+
+    ARCHS = {"gpt2": (tiny_gpt2_config(V, n_layer=1), tiny_gpt2_config(V, n_layer=2)), "llama": (llama(1), llama(2))}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, V, (8, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100
+    full = [{"input_ids": ids[i:i + 4], "attention_mask": torch.ones(4, 16, dtype=torch.long),
+             "labels": labels[i:i + 4]} for i in (0, 4)]  # 2 micro-batches of 4 examples
+    mine = [{k: v[2 * rank:2 * rank + 2] for k, v in mb.items()} for mb in full]  # this rank's 2 of each
+    objective = LMObjective(spec=method_spec("kd+loca"), chunk_size=9)
+    n_tokens = float(sum(int((mb["labels"][:, 1:] != -100).sum()) for mb in full))
+
+    def pair(arch):
+        student_config, teacher_config = ARCHS[arch]
+        return create_causal_lm(student_config, seed=0).train(), create_causal_lm(teacher_config, seed=1)
+
+    def reference(student, teacher):
+        \"\"\"(gradients, relative tolerance): the whole batch in one process through the logits path.
+
+        The tolerance is tests/lm_training/test_fused_head.py's: the two paths' logits differ by <= 2 e (e = 16
+        ulps of the size of the H products), each log-prob rounds by 8 ulps of (max|z| + log V), so a per-token
+        term moves by <= 2 (2 lp + 2 e), the gradient relatively as much, summed over the tokens as a random walk,
+        plus 64 ulps of reordering (the all-reduce adds the ranks' halves in another order).\"\"\"
+        model = copy.deepcopy(student)
+        loss_of = DenseLogits(objective, FrozenTeacher(teacher))
+        for mb in full:  # not accumulate_gradients: it would all-reduce the token count over the ranks
+            loss_of(model, mb, n_tokens)[0].loss.backward()
+        e = zmax = 0.0
+        for m in (student, teacher):
+            for mb in full:
+                with torch.no_grad(), HeadTap(m, "model") as tap:
+                    m(input_ids=mb["input_ids"])
+                head = tap.inputs(mb["input_ids"])
+                h = head.hidden.detach().double().reshape(-1, head.hidden.shape[-1])
+                w = head.weight.detach().double()
+                e = max(e, 16 * EPS32 * float((h ** 2 @ (w ** 2).T).sqrt().max()))
+                zmax = max(zmax, float((h @ w.T).abs().max()))
+        per_token = 2 * (2 * 8 * EPS32 * (zmax + math.log(V)) + 2 * e)
+        return {n: p.grad for n, p in model.named_parameters()}, per_token * math.sqrt(n_tokens) + 64 * EPS32
+
+    def check(arch, what, got, expected, rtol, slack=None):
+        for name, grad in expected.items():
+            atol = rtol * float(grad.abs().max()) + (0.0 if slack is None else slack[name])
+            torch.testing.assert_close(got[name], grad, rtol=0, atol=atol, msg=f"{what} {arch} {name}")
+        print(f"rank {rank} {arch}: {what} ok", flush=True)
+
+    def fsdp_plugin_teacher(teacher, version):
+        plugin = FullyShardedDataParallelPlugin(fsdp_version=version, auto_wrap_policy="transformer_based_wrap")
+        accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=plugin), device=torch.device("cpu"))
+        return FrozenTeacher(_prepare_fsdp_teacher(teacher.requires_grad_(False), accelerator))
+
+    for arch in ARCHS:
+        student, teacher = pair(arch)
+        expected, rtol = reference(student, teacher)
+        for find_unused in (False, True):  # DDP's unused-parameter search follows the outputs' graph
+            model = DDP(copy.deepcopy(student), find_unused_parameters=find_unused)
+            accumulate_gradients(model, FrozenTeacher(teacher), mine, objective, world_size=world, fused_lm_head=True)
+            got = {n: p.grad for n, p in model.module.named_parameters()}
+            for name, grad in got.items():  # synchronised: every rank holds the same gradient
+                gathered = [torch.empty_like(grad) for _ in range(world)]
+                dist.all_gather(gathered, grad)
+                assert all(torch.equal(x, gathered[0]) for x in gathered), (arch, name)
+            assert float(model.module.get_output_embeddings().weight.grad.abs().max()) > 0
+            check(arch, f"DDP(find_unused_parameters={find_unused})", got, expected, rtol)
+
+        # FSDP2: one unit per block plus the root, teacher sharded by the run's plugin
+        sharded = copy.deepcopy(student)
+        for block in (sharded.transformer.h if arch == "gpt2" else sharded.model.layers):
+            fully_shard(block)
+        fully_shard(sharded)
+        loss_of = FusedHead(objective, fsdp_plugin_teacher(copy.deepcopy(teacher), 2))
+        for mb in mine:
+            (loss_of(sharded, mb, n_tokens)[0].loss * world).backward()
+        check(arch, "FSDP2", {n: p.grad.full_tensor() for n, p in sharded.named_parameters()}, expected, rtol)
+
+        # FSDP1 (accelerate's default version), with and without use_orig_params
+        for orig in (True, False):
+            sharded = FSDP(copy.deepcopy(student), auto_wrap_policy=ModuleWrapPolicy({GPT2Block, LlamaDecoderLayer}),
+                           use_orig_params=orig, device_id=torch.device("cpu"))
+            loss_of = FusedHead(objective, fsdp_plugin_teacher(copy.deepcopy(teacher), 1))
+            for mb in mine:
+                (loss_of(sharded, mb, n_tokens)[0].loss * world).backward()
+            # one SGD step of lr 1 turns the sharded, flattened gradients into weight changes that can be gathered;
+            # w - (w - g) adds the float32 rounding of the new weight, an ulp of |w|
+            torch.optim.SGD(sharded.parameters(), lr=1.0).step()
+            start = {n: p.detach() for n, p in student.named_parameters()}
+            with FSDP.summon_full_params(sharded):
+                got = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in sharded.named_parameters()}
+            got = {n: start[n] - w for n, w in got.items()}
+            slack = {n: 2 * EPS32 * float(w.abs().max()) for n, w in start.items()}
+            check(arch, f"FSDP1(use_orig_params={orig})", got, expected, rtol, slack)
+    dist.destroy_process_group()
+""")
+
+
+def test_the_fused_lm_head_under_ddp_and_fsdp_matches_one_process(tmp_path):
+    pytest.importorskip("accelerate")
+    script = tmp_path / "fused_ddp.py"
+    script.write_text(FUSED_SCRIPT)
+    result = _torchrun([str(script)], tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    for rank in (0, 1):
+        for arch in ("gpt2", "llama"):
+            for what in ("DDP(find_unused_parameters=False)", "DDP(find_unused_parameters=True)", "FSDP2",
+                         "FSDP1(use_orig_params=True)", "FSDP1(use_orig_params=False)"):
+                assert f"rank {rank} {arch}: {what} ok" in output, output[-3000:]

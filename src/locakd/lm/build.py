@@ -28,6 +28,7 @@ from .data import (
     tokenize_examples,
     train_test_split_records,
 )
+from .fused_head import check_fused_head
 from .models import apply_lora, check_teacher_tokenizer, create_causal_lm, load_causal_lm, load_tokenizer
 
 __all__ = [
@@ -232,8 +233,11 @@ def teacher_misinstruction(config: LMExperimentConfig, teacher: nn.Module, token
         train_examples = tokenize(config, records, tokenizer)
     cap = config.eval.misinstruction_max_examples
     examples = list(train_examples)[: cap or None]
+    if config.method.fused_lm_head:  # no [tokens, V] logits here either; refuse a head that is not linear
+        check_fused_head(teacher, "teacher")
     result = teacher_misinstruction_rate(
-        teacher, misinstruction_batches(examples, tokenizer, config.eval.batch_size), vocab_size=vocab_size
+        teacher, misinstruction_batches(examples, tokenizer, config.eval.batch_size), vocab_size=vocab_size,
+        fused_lm_head=config.method.fused_lm_head, chunk_size=config.method.chunk_size,
     )
     return {**result, "n_examples": len(examples)}
 

@@ -7,7 +7,7 @@ of the wrong type or an unknown method name raises :class:`~locakd.errors.Config
              check_tokenizer: true, lora: {r: 0, alpha: 16, dropout: 0.0, target_modules: null}}
     data:   {train: train.jsonl, valid: valid.jsonl, test: test.jsonl, template: alpaca,
              max_length: 512, max_prompt_length: 256}
-    method: {name: kd+loca, kd_ratio: 0.5, loca_alpha: 0.9, temperature: 1.0, chunk_size: 1024}
+    method: {name: kd+loca, kd_ratio: 0.5, loca_alpha: 0.9, temperature: 1.0, chunk_size: 1024, fused_lm_head: false}
     optim:  {lr: 5.0e-4, weight_decay: 0.01, warmup_ratio: 0.0, schedule: cosine, grad_clip: 1.0,
              micro_batch_size: 8, grad_accum_steps: 1, epochs: 10}
     run:    {seed: 0, device: auto, precision: float32, out_dir: runs/lm, eval_every: 0, engine: own}  (shared
@@ -129,6 +129,12 @@ class LMMethodConfig:
     jsd_beta: float = _help("mixing weight of jsd in (0, 1)", 0.5)
     skew_lambda: float = _help("skew weight of skew-kl / skew-rkl in (0, 1)", 0.1)
     chunk_size: int | None = _help("token rows per block of the vocabulary-wide losses (None: one shot)", 1024)
+    fused_lm_head: bool = _help(
+        "compute CE + divergence from both models' final hidden states and output-layer weights, chunk_size "
+        "token rows at a time, so neither model's [tokens, vocab] logits are built (memory; not for sft). Equals "
+        "the unfused loss to float32 rounding, so it may change on resume; models whose logits are not "
+        "hidden @ W.T + b (soft-capping, logit scaling, a LoRA head) are refused", False, resume=True,
+        identity="none")
 
     @property
     def spec(self) -> MethodSpec:
@@ -211,6 +217,9 @@ class LMExperimentConfig:
         check(m.chunk_size is None or m.chunk_size >= 1, f"method.chunk_size must be >= 1 or null, got {m.chunk_size}")
         if spec.uses_teacher and m.kd_ratio == 0.0:
             raise ConfigError(f"method '{m.name}' with method.kd_ratio 0 trains on CE only; use method sft instead")
+        check(not (m.fused_lm_head and not spec.uses_teacher),
+              f"method.fused_lm_head fuses the divergence to a teacher with the cross-entropy; method '{m.name}' "
+              "has no divergence: set method.fused_lm_head=false")
         lora = self.model.lora
         check(lora.r >= 0, f"model.lora.r must be >= 0 (0: no LoRA), got {lora.r}")
         check(lora.alpha > 0, f"model.lora.alpha must be > 0, got {lora.alpha}")

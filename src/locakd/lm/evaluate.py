@@ -25,7 +25,8 @@ from torch import nn
 from locakd.calibration import misinstruction_mask
 from locakd.errors import ConfigError, DataError, InputError
 from locakd.lm.data import IGNORE_INDEX, PromptTemplate, encode_prompt, prompt_and_reference
-from locakd.losses.objectives import crop_logits
+from locakd.lm.fused_head import HeadTap, is_sharded
+from locakd.losses.objectives import crop_head, crop_logits, head_misinstructed_count
 from locakd.losses.token import shift_for_next_token
 
 
@@ -295,6 +296,9 @@ def teacher_misinstruction_rate(
     vocab_size: int | None = None,
     ignore_index: int = IGNORE_INDEX,
     max_batches: int | None = None,
+    *,
+    fused_lm_head: bool = False,
+    chunk_size: int | None = 1024,
 ) -> dict[str, float | int]:
     """Token-level mis-instruction rate and top-1 accuracy of a teacher over response tokens.
 
@@ -310,6 +314,10 @@ def teacher_misinstruction_rate(
     :func:`locakd.calibration.misinstruction_mask`); ``top1_accuracy = 1 - misinstruction_rate``.
 
     ``vocab_size``: crop the logits to this many entries first (see :func:`locakd.lm.models.check_vocab`).
+
+    ``fused_lm_head``: never build the ``[B, L, V]`` logits; compare the label's logit with the row maximum
+    from the teacher's final hidden states and output layer, ``chunk_size`` rows at a time
+    (:class:`~locakd.lm.fused_head.HeadTap`, :func:`~locakd.losses.objectives.head_misinstructed_count`).
 
     Returns ``{"misinstruction_rate", "top1_accuracy", "n_tokens", "n_misinstructed"}`` (rates in [0, 1]).
     """
@@ -329,12 +337,22 @@ def teacher_misinstruction_rate(
                 kwargs = {"input_ids": input_ids}
                 if mask is not None:
                     kwargs["attention_mask"] = mask.to(device)
-                logits = _logits_of(teacher(**kwargs))
-                if vocab_size is not None:
-                    logits = crop_logits(logits, vocab_size)
-                logits, targets = shift_for_next_token(logits, labels)
-                mis = misinstruction_mask(logits, targets, ignore_index=ignore_index)
-                n_mis += int(mis.sum())
+                if fused_lm_head:
+                    with HeadTap(teacher, "teacher", copy_weights=is_sharded(teacher)) as tap:
+                        teacher(**kwargs)
+                    head = tap.inputs(input_ids)
+                    hidden, targets = shift_for_next_token(head.hidden, labels)
+                    weight, bias = (head.weight, head.bias) if vocab_size is None else \
+                        crop_head(head, vocab_size, "teacher")
+                    rows = torch.where(targets == ignore_index, torch.full_like(targets, IGNORE_INDEX), targets)
+                    n_mis += int(head_misinstructed_count(hidden, weight, rows, bias, chunk_size))
+                else:
+                    logits = _logits_of(teacher(**kwargs))
+                    if vocab_size is not None:
+                        logits = crop_logits(logits, vocab_size)
+                    logits, targets = shift_for_next_token(logits, labels)
+                    mis = misinstruction_mask(logits, targets, ignore_index=ignore_index)
+                    n_mis += int(mis.sum())
                 n_tokens += int((targets != ignore_index).sum())
     finally:
         teacher.train(was_training)

@@ -157,7 +157,7 @@ def training_arguments(config: LMExperimentConfig, *, has_valid: bool) -> Distil
         disable_tqdm=not r.progress, report_to="none", ddp_timeout=int(math.ceil(r.dist_timeout_s)),
         ddp_find_unused_parameters=False,  # every student parameter (or adapter) takes part in the loss
         method=m.name, kd_ratio=m.kd_ratio, loca_alpha=m.loca_alpha, temperature=m.temperature,
-        jsd_beta=m.jsd_beta, skew_lambda=m.skew_lambda, chunk_size=m.chunk_size,
+        jsd_beta=m.jsd_beta, skew_lambda=m.skew_lambda, chunk_size=m.chunk_size, fused_lm_head=m.fused_lm_head,
         crop_vocab=config.model.crop_vocab, teacher_dtype=config.model.teacher_dtype,
         check_tokenizer=False,  # load_teacher checked it already (model.check_tokenizer)
         max_length=d.max_length, max_prompt_length=d.max_prompt_length,

@@ -23,6 +23,10 @@ For users who already train with ``Trainer`` / TRL under ``accelerate`` (DDP, FS
   response tokens whose teacher top-1 token is not the label) to the Trainer's own logs, so every
   ``report_to`` integration receives them. ``eval_loss`` is the student's cross-entropy per response
   token (the validation loss ``lm-distill`` reports; the teacher is not run during evaluation).
+* ``fused_lm_head=True`` computes the objective from both models' final hidden states and output-layer
+  weights chunk by chunk (:class:`locakd.lm.batch_loss.FusedHead`): the student's forward still runs
+  through the DDP / FSDP wrapper, but neither model builds its ``[tokens, V]`` logits; the loss, the logged
+  terms and the mis-instruction rate equal the unfused ones to float32 rounding.
 * Datasets may be tokenised already (``input_ids`` + ``labels``) or be records in any layout of
   :data:`locakd.lm.data.DATA_FORMATS` (TRL's ``messages`` and ``prompt``/``completion``, or Dolly),
   which are tokenised with the prompt masked.
@@ -45,12 +49,11 @@ import torch
 import transformers
 from torch import nn
 
-from ..calibration import misinstruction_mask
 from ..engine.run import check_finite
 from ..errors import ConfigError, DataError
-from ..losses.objectives import IGNORE_INDEX, LMObjective, crop_logits
-from ..losses.token import shift_for_next_token
+from ..losses.objectives import LMObjective
 from ..teachers import FrozenTeacher, freeze_teacher
+from .batch_loss import micro_batch_loss
 from .config import METHODS, method_spec
 from .data import (
     PROMPT_TEMPLATES,
@@ -60,6 +63,7 @@ from .data import (
     normalise_records,
     tokenize_examples,
 )
+from .fused_head import FUSED_SETTING, check_fused_head
 from .models import (
     check_same_tokenizer,
     check_teacher_tokenizer,
@@ -97,8 +101,10 @@ class DistillationArguments(transformers.TrainingArguments):
         "help": "if teacher and student output layers differ in size (padded embedding rows), compare only "
                 "the shared first V logits"})
     fused_lm_head: bool = field(default=False, metadata={
-        "help": "compute the loss from hidden states and the lm_head weight block by block, never holding the "
-                "[tokens, vocab] logits (not available yet: must stay False)"})
+        "help": "compute CE + divergence from both models' final hidden states and output-layer weights, chunk_size "
+                "token rows at a time, so neither model's [tokens, vocab] logits are built (memory; not for sft). "
+                "Equals the unfused loss to float32 rounding; models whose logits are not hidden @ W.T + b "
+                "(soft-capping, logit scaling, a LoRA head) and DeepSpeed are refused"})
     check_tokenizer: bool = field(default=True, metadata={
         "help": "refuse a teacher whose tokenizer differs from the student's (vocabulary, special tokens, "
                 "encoding); False skips the check"})
@@ -134,9 +140,9 @@ class DistillationArguments(transformers.TrainingArguments):
               f"max_prompt_length must be in [1, max_length={self.max_length}], got {self.max_prompt_length}")
         PromptTemplate.from_config(self.prompt_template)
         resolve_dtype(self.teacher_dtype)
-        if self.fused_lm_head:
-            raise ConfigError("fused_lm_head=True: the fused lm_head loss is not available in this version of "
-                              "locakd; leave fused_lm_head=False (chunk_size bounds the loss memory meanwhile)")
+        check(not (self.fused_lm_head and not spec.uses_teacher),
+              f"fused_lm_head=True fuses the divergence to a teacher with the cross-entropy; method '{self.method}' "
+              "has no divergence: set fused_lm_head=False")
 
     def objective(self, vocab_size: int | None = None) -> LMObjective:
         """The loss these arguments describe (``vocab_size``: the shared size when ``crop_vocab`` crops)."""
@@ -325,6 +331,10 @@ class DistillationTrainer(transformers.Trainer):
         self.vocab_size = vocab  # logits per position the loss compares (shared size when crop_vocab crops)
         self.objective = args.objective(vocab_size=vocab if teacher is not None else None)
         self._eval_objective = dataclasses.replace(self.objective, spec=method_spec("sft"))  # CE only
+        if args.fused_lm_head:  # refuse models whose logits are not hidden @ W.T + b, before wrapping / sharding
+            check_fused_head(model, "student")
+            if teacher is not None:
+                check_fused_head(teacher, "teacher")
 
         if data_collator is None:
             data_collator = make_collate_fn(processing_class)
@@ -346,7 +356,13 @@ class DistillationTrainer(transformers.Trainer):
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
 
+        if args.fused_lm_head and self.is_deepspeed_enabled:
+            raise ConfigError(f"{FUSED_SETTING} is not supported under DeepSpeed: ZeRO-3 partitions the output-layer "
+                              "weight the fused loss needs whole (and the path is untested there); set it to false")
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
+        # how a micro-batch's outputs are produced and which form of the objective consumes them
+        self._loss_of = micro_batch_loss(self.objective, self.teacher_model, fused_lm_head=args.fused_lm_head)
+        self._eval_loss_of = micro_batch_loss(self._eval_objective, None)
         device = self.args.device
         # [ce_sum, kd_sum, response tokens, mis-instructed tokens] since the last log; totals of the whole run
         self._train_sums = torch.zeros(4, dtype=torch.float64, device=device)
@@ -412,38 +428,29 @@ class DistillationTrainer(transformers.Trainer):
         processes when ``average_tokens_across_devices``); since DDP / FSDP / DeepSpeed average gradients over
         processes, the loss is multiplied by the process count, as ``lm-distill`` does. Without it (a direct
         call) the micro-batch's own count is used. In evaluation mode the loss is the student's CE per
-        response token (no teacher forward).
+        response token (no teacher forward). How the two models' outputs are produced (logits, or hidden
+        states and heads with ``fused_lm_head``) is :func:`locakd.lm.batch_loss.micro_batch_loss`'s choice.
         """
         labels = inputs["labels"]
-        forward = {"input_ids": inputs["input_ids"], "attention_mask": inputs.get("attention_mask"), "use_cache": False}
-        outputs = model(**forward)
-        student_logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
         n_local = count_valid_tokens(labels).to(torch.float64)
         if not model.training:
-            terms = self._eval_objective(student_logits, labels, None, max(float(n_local), 1.0))
-            self._eval_sums += torch.stack([terms.ce_sum.double(), n_local]).to(self._eval_sums.device)
-            return (terms.loss, outputs) if return_outputs else terms.loss
+            # the fused path only when nobody reads the logits (compute_metrics needs them)
+            loss_of = self._loss_of if self.args.fused_lm_head and self.compute_metrics is None else self._eval_loss_of
+            ce_sum, outputs = loss_of.summed_ce(model, inputs)
+            self._eval_sums += torch.stack([ce_sum.double(), n_local]).to(self._eval_sums.device)
+            loss = ce_sum / max(float(n_local), 1.0)
+            return (loss, outputs) if return_outputs else loss
 
         if num_items_in_batch is None:
             normalizer, scale = max(float(n_local), 1.0), 1
         else:
             normalizer = max(float(num_items_in_batch), 1.0)
             scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        teacher_logits = None
-        if self.objective.spec.uses_teacher:
-            teacher_out = self.teacher_model(**forward)
-            teacher_logits = teacher_out.logits if hasattr(teacher_out, "logits") else teacher_out[0]
-        terms = self.objective(student_logits, labels, teacher_logits, normalizer)
+        terms, outputs = self._loss_of(model, inputs, normalizer, count_misinstructed=True)
         loss = terms.loss * scale if scale != 1 else terms.loss
-        with torch.no_grad():
-            n_mis = torch.zeros((), dtype=torch.float64, device=n_local.device)
-            if teacher_logits is not None:
-                t_logits, targets = shift_for_next_token(teacher_logits, labels)
-                if self.objective.vocab_size is not None:
-                    t_logits = crop_logits(t_logits, self.objective.vocab_size)
-                n_mis = misinstruction_mask(t_logits, targets, ignore_index=IGNORE_INDEX, validate=False).sum().double()
-            step = torch.stack([terms.ce_sum.double(), terms.kd_sum.double(), n_local, n_mis])
-            self._train_sums += step.to(self._train_sums.device)
+        n_mis = terms.n_misinstructed if terms.n_misinstructed is not None else torch.zeros((), dtype=torch.float64)
+        step = torch.stack([terms.ce_sum.double(), terms.kd_sum.double(), n_local, n_mis.to(n_local.device)])
+        self._train_sums += step.to(self._train_sums.device)
         return (loss, outputs) if return_outputs else loss
 
     # ------------------------------------------------------------------------------------ metrics

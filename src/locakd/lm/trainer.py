@@ -42,9 +42,9 @@ from ..engine.io import load_model_state
 from ..engine.run import Run, check_finite, open_run
 from ..engine.runtime import autocast_context, make_grad_scaler, seed_everything
 from ..errors import CheckpointError, ConfigError
-from ..losses.objectives import LMObjective, summed_cross_entropy
+from ..losses.objectives import LMObjective
 from ..losses.objectives import LossTerms as LossTerms  # moved there; importable from here for one release
-from ..losses.token import shift_for_next_token
+from .batch_loss import DenseLogits, MicroBatchLoss, micro_batch_loss
 from .build import (
     check_positions,
     load_run_tokenizer,
@@ -60,8 +60,9 @@ from .build import (
 )
 from .build import lr_factor as lr_factor  # moved there; importable from here for one release
 from .build import warmup_steps_of as warmup_steps_of  # (same)
-from .config import LMExperimentConfig
+from .config import LMExperimentConfig, method_spec
 from .data import count_valid_tokens, make_collate_fn
+from .fused_head import check_fused_head
 from .models import check_vocab
 
 __all__ = [
@@ -83,10 +84,6 @@ CHECKPOINT_FORMAT = "locakd-lm-v2"
 # --------------------------------------------------------------------------------------------------
 # One optimizer step: accumulation over micro-batches and ranks
 # --------------------------------------------------------------------------------------------------
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0]
 
 
 @dataclass
@@ -114,6 +111,7 @@ def accumulate_gradients(
     autocast: Any = None,
     scaler: torch.amp.GradScaler | None = None,
     world_size: int = 1,
+    fused_lm_head: bool = False,
 ) -> StepStats:
     """Forward + backward over the micro-batches of one optimizer step (gradients accumulate in ``.grad``).
 
@@ -121,8 +119,11 @@ def accumulate_gradients(
     (all-reduced first), so the accumulated gradient equals that of one batch holding every example.
     ``student`` may be wrapped in ``DistributedDataParallel``: gradients are then synchronised on the
     last micro-batch only, and the loss is scaled by ``world_size`` to undo DDP's averaging.
+    ``fused_lm_head``: compute the objective from hidden states and head weights, never building the
+    ``[tokens, V]`` logits (:func:`locakd.lm.batch_loss.micro_batch_loss` decides the outputs' source).
     """
     device = torch.device(device)
+    loss_of = micro_batch_loss(objective, teacher, fused_lm_head=fused_lm_head)
     n_local = sum(int(count_valid_tokens(b["labels"])) for b in micro_batches)
     n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=device))
     normalizer = float(n_global.clamp(min=1.0))
@@ -133,17 +134,7 @@ def accumulate_gradients(
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         sync = (not ddp) or i == len(micro_batches) - 1
         with contextlib.nullcontext() if sync else student.no_sync():
-            teacher_logits = None
-            if objective.spec.uses_teacher:
-                if teacher is None:
-                    raise ConfigError(f"method '{objective.spec.name}' needs a teacher")
-                with torch.no_grad():
-                    teacher_logits = _logits(teacher(input_ids=batch["input_ids"],
-                                                     attention_mask=batch["attention_mask"], use_cache=False))
-            with autocast if autocast is not None else contextlib.nullcontext():
-                student_logits = _logits(student(input_ids=batch["input_ids"],
-                                                 attention_mask=batch["attention_mask"], use_cache=False))
-            terms = objective(student_logits, batch["labels"], teacher_logits, normalizer)
+            terms, _ = loss_of(student, batch, normalizer, autocast=autocast)
             loss = terms.loss * world_size if ddp else terms.loss
             (scaler.scale(loss) if scaler is not None else loss).backward()
         ce_total += terms.ce_sum.double()
@@ -179,8 +170,14 @@ def step_micro_batches(order: Sequence[int], step_in_epoch: int, lengths: Sequen
 
 @torch.no_grad()
 def validation_loss(model: nn.Module, examples: Sequence[dict], collate, *, batch_size: int, device: torch.device,
-                    autocast: Any, env: DistEnv, chunk_size: int | None) -> tuple[float, float]:
-    """(summed CE, response tokens) over this rank's shard of ``examples``, all-reduced."""
+                    autocast: Any, env: DistEnv, chunk_size: int | None,
+                    loss_of: MicroBatchLoss | None = None) -> tuple[float, float]:
+    """(summed CE, response tokens) over this rank's shard of ``examples``, all-reduced.
+
+    ``loss_of`` (the run's :class:`~locakd.lm.batch_loss.MicroBatchLoss`) says how the student's CE is
+    computed (the fused lm-head path: from hidden states, without logits); default: from its logits."""
+    if loss_of is None:
+        loss_of = DenseLogits(LMObjective(spec=method_spec("sft"), chunk_size=chunk_size))
     was_training = model.training
     model.eval()
     ce = torch.zeros((), dtype=torch.float64, device=device)
@@ -189,11 +186,7 @@ def validation_loss(model: nn.Module, examples: Sequence[dict], collate, *, batc
     for start in range(0, len(shard), batch_size):
         batch = collate([examples[i] for i in shard[start:start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast:
-            logits = _logits(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                   use_cache=False))
-        s_logits, targets = shift_for_next_token(logits, batch["labels"])
-        ce += summed_cross_entropy(s_logits, targets, chunk_size).double()
+        ce += loss_of.summed_ce(model, batch, autocast=autocast)[0].double()
         n += count_valid_tokens(batch["labels"]).double()
     model.train(was_training)
     sums = all_reduce_sum(torch.stack([ce, n]))
@@ -302,6 +295,12 @@ class _LMRun:
         self.vocab = check_vocab(self.teacher, self.student, self.tokenizer, crop_to_shared=config.model.crop_vocab)
         self.objective = LMObjective.from_config(config.method,
                                                  vocab_size=self.vocab if self.teacher is not None else None)
+        self.fused_lm_head = config.method.fused_lm_head
+        if self.fused_lm_head:  # refuse models whose logits are not hidden @ W.T + b, before any training
+            check_fused_head(self.student, "student")
+            if self.teacher is not None:
+                check_fused_head(self.teacher, "teacher")
+        self.loss_of = micro_batch_loss(self.objective, self.teacher, fused_lm_head=self.fused_lm_head)
         self.student.train()
         seed_everything(config.run.seed + env.rank)  # dropout streams differ per rank; init above is shared
         self.model = wrap_ddp(self.student, device, env)
@@ -418,7 +417,7 @@ class _LMRun:
             batches = [self.collate([self.train_ds[i] for i in idx]) for idx in micro]
             stats = accumulate_gradients(self.model, self.teacher, batches, self.objective, device=self.device,
                                          autocast=self.autocast, scaler=scaler if scaler.is_enabled() else None,
-                                         world_size=env.world_size)
+                                         world_size=env.world_size, fused_lm_head=self.fused_lm_head)
             check_finite(f"optimizer step {self.step + 1} (epoch {epoch + 1})", ce=stats.ce_sum, kd=stats.kd_sum)
             if scaler.is_enabled():
                 scaler.unscale_(self.optimizer)
@@ -500,7 +499,7 @@ class _LMRun:
         raw = unwrap(self.model)
         ce, n = validation_loss(raw, self.valid_ds, self.collate, batch_size=config.optim.micro_batch_size,
                                 device=self.device, autocast=self.autocast, env=env,
-                                chunk_size=config.method.chunk_size)
+                                chunk_size=config.method.chunk_size, loss_of=self.loss_of)
         metrics = {"loss": ce / max(n, 1.0)}
         if self.select_by in ("rouge_l", "exact_match"):
             metrics.update(validation_generation(raw, self.tokenizer, self.valid_records, config, env, self.device))
