@@ -40,6 +40,16 @@ Digits are packed in mixed radix (groups of digits per 64-bit word), rows padded
 
 from .codec import DEFAULT_VALUE_LEVELS, CacheCodec, TeacherCacheError, value_levels
 from .records import DEFAULT_TOP_K, TokenRecords, teacher_token_records
+from .run import (
+    SPLITS,
+    CachedTeacherTargets,
+    cache_split_dir,
+    examples_sha256,
+    open_teacher_cache,
+    run_identity,
+    teacher_cache_targets,
+    teacher_identity,
+)
 from .store import (
     FORMAT,
     IDENTITY_FIELDS,
@@ -53,6 +63,8 @@ from .store import (
 
 __all__ = [
     "DEFAULT_TOP_K",
+    "SPLITS",
+    "CachedTeacherTargets",
     "DEFAULT_VALUE_LEVELS",
     "FORMAT",
     "IDENTITY_FIELDS",
@@ -62,8 +74,14 @@ __all__ = [
     "TeacherCacheError",
     "TeacherCacheWriter",
     "TokenRecords",
+    "cache_split_dir",
+    "examples_sha256",
     "file_sha256",
     "json_hash",
+    "open_teacher_cache",
+    "run_identity",
+    "teacher_cache_targets",
+    "teacher_identity",
     "teacher_token_records",
     "tokenizer_hash",
     "value_levels",
