@@ -156,6 +156,12 @@ def run_train(args: argparse.Namespace) -> int:
         check_command(config, args.command_name)
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
+    if config.model.teacher_cache:
+        from ..errors import ConfigError
+
+        # until the trainer reads caches (the next step of issue 12), refuse rather than run model.teacher silently
+        raise ConfigError(f"{args.command_name} does not read model.teacher_cache yet (the cache written by "
+                          "lm-cache-teacher); unset it to train with model.teacher")
     summary = train_lm(config, command=args.command_name, resume=args.resume,
                        stop_after_steps=args.stop_after_steps)
     if _is_main_process():
