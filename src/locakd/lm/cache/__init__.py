@@ -19,6 +19,11 @@ examples ``[s * E, (s + 1) * E)``; rank ``r`` of ``W`` writer processes writes t
 ``s % W == r``, so several processes never touch the same file. :meth:`TeacherCacheWriter.finalize`
 lists the shards in ``manifest.json`` once every one is there.
 
+``locakd lm-cache-teacher`` (:mod:`locakd.lm.cache_command`) writes one such cache per split of an
+LM run (``DIR/train``, ``DIR/valid``); :mod:`locakd.lm.cache.run` computes the run identity a cache
+records and is checked against (:func:`open_teacher_cache`) and the sparse teacher of a collated
+micro-batch (:func:`teacher_cache_targets`).
+
 Compact rows (:class:`CacheCodec`), one fixed-width bit row per token:
 
 * ids: the k ids sorted by id, Elias-Fano coded (``id = hi * D + lo``: the ``lo`` digits in base D,
