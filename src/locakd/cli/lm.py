@@ -1,10 +1,11 @@
-"""Language-model commands: ``lm-sft``, ``lm-distill``, ``lm-eval``.
+"""Language-model commands: ``lm-sft``, ``lm-distill``, ``lm-eval``, ``lm-cache-teacher``.
 
     locakd lm-sft configs/lm/dolly_teacher_sft.yaml
     locakd lm-distill configs/lm/dolly_gpt2_kd_loca.yaml run.seed=1
     locakd lm-distill configs/lm/dolly_gpt2_kd_loca.yaml --resume
     torchrun --nproc_per_node 4 -m locakd.cli.main lm-distill CONFIG optim.micro_batch_size=4
     locakd lm-eval runs/lm/kd+loca            # a run directory (its best/ model) or a config file
+    locakd lm-cache-teacher configs/lm/dolly_gpt2_kd_loca.yaml cache.dir=cache/dolly-xl cache.top_k=64
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ divided by the response tokens of that whole batch. Only rank 0 writes files.
 Outputs in run.out_dir: config.yaml, metrics.jsonl, tensorboard/, last.pt (resume state),
 best/ (highest validation ROUGE-L) and final/ (both save_pretrained model + tokenizer, loadable
 with AutoModelForCausalLM.from_pretrained), summary.json.
+
+Config keys (KEY = default  # meaning):
+"""
+
+
+CACHE_EPILOG = """\
+Overrides are KEY=VALUE pairs after CONFIG (values are YAML). The keys that matter here: model.teacher,
+model.teacher_dtype, model.tokenizer / model.student (the tokenizer), model.crop_vocab, data.*,
+method.temperature, run.device, run.progress and the cache section. A cache is tied to the run's
+tokenizer, data files, template, lengths and temperature: lm-distill with model.teacher_cache refuses a
+cache that differs in any of them and names the field.
+
+Sizes: about 2 + log2(V / k) bits per stored id and 7 bits per value (8 with cache.num_levels=256);
+at top_k 128 about 283 / 310 / 320 bytes per token for vocabularies of 50k / 152k / 262k.
 
 Config keys (KEY = default  # meaning):
 """
@@ -91,6 +106,30 @@ def register(subparsers) -> None:
                         help="which model of a run directory (default: eval.checkpoint)")
     parser.set_defaults(func=run_eval)
 
+    parser = subparsers.add_parser(
+        "lm-cache-teacher",
+        help="run the teacher once and cache its top-k next-token log-probabilities (offline teacher)",
+        description=(
+            "Run model.teacher (in model.teacher_dtype) once over the training and validation examples, "
+            "tokenised exactly as lm-distill tokenises them (same records, template, lengths, tokenizer; the "
+            "teacher's tokenizer is checked against it), and write per response token the cache.top_k largest "
+            "log-probabilities at method.temperature, the label token's log-probability and the tail mass to "
+            "cache.dir (train/ and valid/: sharded safetensors + manifest.json with the run's identity). "
+            "Interrupted? Run the same command again: finished shards are kept; a finished cache is reported, "
+            "not redone. Under `torchrun --nproc_per_node N -m locakd.cli.main lm-cache-teacher ...` the "
+            "processes write disjoint shards. Reports bytes per token, the teacher's token-level "
+            "mis-instruction rate and the capture throughput (also in cache.dir/capture.json). Train from it "
+            "with `locakd lm-distill CONFIG model.teacher_cache=DIR`."
+        ),
+        epilog=CACHE_EPILOG + _key_reference(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", metavar="CONFIG", help="YAML experiment file (the lm-distill config of the run)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides, e.g. cache.dir=cache/ cache.top_k=64 cache.batch_size=4")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    parser.set_defaults(func=run_cache_teacher)
+
 
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
@@ -117,6 +156,12 @@ def run_train(args: argparse.Namespace) -> int:
         check_command(config, args.command_name)
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
+    if config.model.teacher_cache:
+        from ..errors import ConfigError
+
+        # until the trainer reads caches (the next step of issue 12), refuse rather than run model.teacher silently
+        raise ConfigError(f"{args.command_name} does not read model.teacher_cache yet (the cache written by "
+                          "lm-cache-teacher); unset it to train with model.teacher")
     summary = train_lm(config, command=args.command_name, resume=args.resume,
                        stop_after_steps=args.stop_after_steps)
     if _is_main_process():
@@ -132,4 +177,25 @@ def run_eval(args: argparse.Namespace) -> int:
     keys = ("model", "n_examples", "rouge_l_mean", "rouge_l_std", "exact_match_mean", "exact_match_std",
             "teacher_misinstruction")
     print(json.dumps({k: result.get(k) for k in keys}))
+    return 0
+
+
+def run_cache_teacher(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..config import to_dict
+    from ..lm.cache_command import capture_teacher_cache
+    from ..lm.config import load_lm_config
+
+    config = load_lm_config(args.config, args.overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
+        return 0
+    report = capture_teacher_cache(config)
+    if _is_main_process():
+        keys = ("status", "cache_dir", "captured_tokens", "tokens_per_s")
+        splits = {s: {k: v.get(k) for k in ("num_tokens", "bytes_per_token")} | {
+            "misinstruction_rate": v["teacher_misinstruction"]["misinstruction_rate"]}
+            for s, v in report.get("splits", {}).items()}
+        print(json.dumps({k: report.get(k) for k in keys} | {"splits": splits}))
     return 0

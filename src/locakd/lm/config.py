@@ -13,6 +13,8 @@ of the wrong type or an unknown method name raises :class:`~locakd.errors.Config
     run:    {seed: 0, device: auto, precision: float32, out_dir: runs/lm, eval_every: 0, engine: own}  (shared
             keys: locakd.config.RunSection)
     eval:   {max_new_tokens: 128, do_sample: true, seeds: [10, 20, 30, 40, 50], select_by: rouge_l}
+    cache:  {dir: teacher_cache/, top_k: 128, num_levels: 128, examples_per_shard: 256, batch_size: 8}
+            (lm-cache-teacher; lm-distill reads the cache named by model.teacher_cache)
 
 The defaults follow the MiniLLM KD recipe the LoCa paper builds on (AdamW lr 5e-4, wd 1e-2, cosine,
 clip 1.0, max length 512 / prompt 256, kd ratio 0.5, T = 1, checkpoint chosen by validation ROUGE-L,
@@ -90,6 +92,9 @@ class LMModelConfig:
         "pretrained: load the student's weights; scratch: random init from its config.json (seeded by run.seed)",
         "pretrained",
     )
+    teacher_cache: str | None = _help(
+        "distill from this cache instead of running model.teacher (a folder written by lm-cache-teacher; "
+        "the teacher is then never loaded)", None)
     teacher_dtype: Literal["float32", "bfloat16", "float16"] = _help("dtype the frozen teacher runs in", "float32")
     crop_vocab: bool = _help(
         "if teacher and student output sizes differ (padded embedding rows), compare the shared first V logits",
@@ -193,6 +198,24 @@ class LMEvalConfig:
 
 
 @dataclass
+class LMCacheConfig:
+    """What ``lm-cache-teacher`` writes (a training run reads the cache named by ``model.teacher_cache``)."""
+
+    dir: str | None = _help("folder lm-cache-teacher writes the teacher cache to (train/ and valid/ inside); "
+                            "point model.teacher_cache at it to distill from it", None, resume=True, identity="none")
+    top_k: int = _help("teacher log-probabilities kept per response token (the k largest; the label's and the "
+                       "tail mass are always kept)", 128, resume=True, identity="none")
+    num_levels: int = _help("quantisation levels of each stored log-probability: 128 (7 bits) or 256 (8 bits, "
+                            "half the quantisation error, 16 more bytes per token at top_k 128)", 128,
+                            resume=True, identity="none")
+    examples_per_shard: int = _help("examples per shard file: an interrupted capture keeps its finished "
+                                    "shards and redoes at most one per process", 256, resume=True, identity="none")
+    batch_size: int = _help("examples per teacher forward pass (per process)", 8, resume=True, identity="none")
+    valid: bool = _help("also cache the validation examples (data.valid or data.valid_holdout) in valid/",
+                        True, resume=True, identity="none")
+
+
+@dataclass
 class LMExperimentConfig:
     model: LMModelConfig = field(default_factory=LMModelConfig)
     data: LMDataConfig = field(default_factory=LMDataConfig)
@@ -200,6 +223,7 @@ class LMExperimentConfig:
     optim: LMOptimConfig = field(default_factory=LMOptimConfig)
     run: LMRunConfig = field(default_factory=LMRunConfig)
     eval: LMEvalConfig = field(default_factory=LMEvalConfig)
+    cache: LMCacheConfig = field(default_factory=LMCacheConfig)
 
     def validate(self) -> None:
         m, d, o, r, e = self.method, self.data, self.optim, self.run, self.eval
@@ -226,6 +250,11 @@ class LMExperimentConfig:
         check(0.0 <= lora.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {lora.dropout}")
         check(not (lora.r and self.model.init == "scratch"),
               "model.lora trains adapters on a pretrained student; it cannot be combined with model.init: scratch")
+        c = self.cache
+        check(c.top_k >= 1, f"cache.top_k must be >= 1, got {c.top_k}")
+        check(4 <= c.num_levels <= 65536, f"cache.num_levels must be in [4, 65536], got {c.num_levels}")
+        check(c.examples_per_shard >= 1, f"cache.examples_per_shard must be >= 1, got {c.examples_per_shard}")
+        check(c.batch_size >= 1, f"cache.batch_size must be >= 1, got {c.batch_size}")
         check(d.max_length >= 2, f"data.max_length must be >= 2, got {d.max_length}")
         check(1 <= d.max_prompt_length <= d.max_length,
               f"data.max_prompt_length must be in [1, data.max_length={d.max_length}], got {d.max_prompt_length}")

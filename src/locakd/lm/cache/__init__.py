@@ -19,6 +19,11 @@ examples ``[s * E, (s + 1) * E)``; rank ``r`` of ``W`` writer processes writes t
 ``s % W == r``, so several processes never touch the same file. :meth:`TeacherCacheWriter.finalize`
 lists the shards in ``manifest.json`` once every one is there.
 
+``locakd lm-cache-teacher`` (:mod:`locakd.lm.cache_command`) writes one such cache per split of an
+LM run (``DIR/train``, ``DIR/valid``); :mod:`locakd.lm.cache.run` computes the run identity a cache
+records and is checked against (:func:`open_teacher_cache`) and the sparse teacher of a collated
+micro-batch (:func:`teacher_cache_targets`).
+
 Compact rows (:class:`CacheCodec`), one fixed-width bit row per token:
 
 * ids: the k ids sorted by id, Elias-Fano coded (``id = hi * D + lo``: the ``lo`` digits in base D,
@@ -40,6 +45,16 @@ Digits are packed in mixed radix (groups of digits per 64-bit word), rows padded
 
 from .codec import DEFAULT_VALUE_LEVELS, CacheCodec, TeacherCacheError, value_levels
 from .records import DEFAULT_TOP_K, TokenRecords, teacher_token_records
+from .run import (
+    SPLITS,
+    CachedTeacherTargets,
+    cache_split_dir,
+    examples_sha256,
+    open_teacher_cache,
+    run_identity,
+    teacher_cache_targets,
+    teacher_identity,
+)
 from .store import (
     FORMAT,
     IDENTITY_FIELDS,
@@ -53,6 +68,8 @@ from .store import (
 
 __all__ = [
     "DEFAULT_TOP_K",
+    "SPLITS",
+    "CachedTeacherTargets",
     "DEFAULT_VALUE_LEVELS",
     "FORMAT",
     "IDENTITY_FIELDS",
@@ -62,8 +79,14 @@ __all__ = [
     "TeacherCacheError",
     "TeacherCacheWriter",
     "TokenRecords",
+    "cache_split_dir",
+    "examples_sha256",
     "file_sha256",
     "json_hash",
+    "open_teacher_cache",
+    "run_identity",
+    "teacher_cache_targets",
+    "teacher_identity",
     "teacher_token_records",
     "tokenizer_hash",
     "value_levels",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ...engine.io import atomic_write
 from ...errors import InputError
 from .codec import DEFAULT_VALUE_LEVELS, CacheCodec, TeacherCacheError
 from .records import DEFAULT_TOP_K, IGNORE_INDEX, TokenRecords
@@ -25,8 +25,9 @@ SHARD_DIR = "shards"
 
 # Identity fields a run is checked against (see TeacherCache.check_matches), in the order reported.
 IDENTITY_FIELDS = (
-    "tokenizer_hash", "data_files", "template", "max_length", "max_prompt_length", "temperature",
-    "top_k", "teacher", "teacher_config_hash", "teacher_dtype", "split",
+    "tokenizer_hash", "data_files", "data_selection", "data_layout", "template", "max_length",
+    "max_prompt_length", "temperature", "vocab_size", "top_k", "teacher", "teacher_config_hash",
+    "teacher_dtype", "split", "examples_sha256",
 )
 
 # --------------------------------------------------------------------------------------------------
@@ -64,20 +65,7 @@ def tokenizer_hash(tokenizer: Any) -> str:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, lambda handle: handle.write(data))
 
 
 def _write_json(path: Path, value: Any) -> None:
