@@ -231,6 +231,12 @@ def test_lm_distill_from_the_cache_without_the_teacher(cache_run, cache_dir, tmp
         assert mis["n_examples"] == online["n_examples"] == 20 and mis["n_tokens"] == online["n_tokens"]
         assert abs(mis["n_misinstructed"] - online["n_misinstructed"]) <= near_ties
         assert summary["teacher_cache"]["dir"] == str(cache_dir)
+        # lm-eval of the run reads the teacher's rate from the cache too (the teacher folder does not exist)
+        assert main(["lm-eval", str(out), f"data.test={config.data.train}", "eval.seeds=[1]",
+                     "eval.max_new_tokens=4"]) == 0, capsys.readouterr().err[-3000:]
+        evaluated = json.loads((out / "eval" / "eval.json").read_text())
+        assert evaluated["teacher_misinstruction"]["measured_on"] == "teacher cache"
+        assert evaluated["teacher_misinstruction"]["n_misinstructed"] == mis["n_misinstructed"]
     else:
         # the hf engine measures it on the response tokens it trained on (as online)
         assert mis["measured_on"] == "trained response tokens"

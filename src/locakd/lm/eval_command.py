@@ -20,8 +20,10 @@ from .build import (
     load_run_tokenizer,
     load_teacher,
     load_test_records,
+    load_train_valid_records,
     quiet_transformers,
     teacher_misinstruction,
+    tokenize,
 )
 from .config import LMExperimentConfig, load_lm_config
 from .models import is_model_dir, load_causal_lm
@@ -68,7 +70,8 @@ def run_lm_eval(source: str | Path, overrides: list[str] | None = None, *, out_d
 
     Writes ``generations.jsonl`` and ``eval.json`` to ``out_dir`` (default: ``RUN_DIR/eval`` or
     ``run.out_dir/eval``). When ``model.teacher`` is set, also reports the teacher's token-level
-    mis-instruction rate on the training responses.
+    mis-instruction rate on the training responses (read from ``model.teacher_cache`` when the run
+    distilled from a cache; the teacher is then not loaded).
     """
     from .evaluate import evaluate_generation
 
@@ -99,7 +102,14 @@ def run_lm_eval(source: str | Path, overrides: list[str] | None = None, *, out_d
         **scores,
         "generation_time_s": round(time.time() - started, 2),
     }
-    if config.model.teacher:
+    if config.model.teacher_cache:  # a run distilled from a cache: read the rate there, never load the teacher
+        from .cache.run import cached_misinstruction, open_teacher_cache
+
+        examples = tokenize(config, load_train_valid_records(config).train, tokenizer)
+        cache = open_teacher_cache(config, tokenizer, split="train", examples=examples)
+        result["teacher_misinstruction"] = cached_misinstruction(
+            cache, examples, max_examples=config.eval.misinstruction_max_examples)
+    elif config.model.teacher:
         teacher = load_teacher(config, device, tokenizer)
         result["teacher_misinstruction"] = teacher_misinstruction(config, teacher, tokenizer)
         del teacher
