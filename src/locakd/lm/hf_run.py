@@ -455,14 +455,22 @@ def train_with_hf(config: LMExperimentConfig, *, command: str = "lm-distill", re
                   stop_after_steps: int | None = None) -> dict[str, Any]:
     """Run ``lm-sft`` / ``lm-distill`` for ``config`` with ``transformers.Trainer``; returns the summary."""
     splits = load_train_valid_records(config)
+    owns_group = not torch.distributed.is_initialized()
     args = training_arguments(config, has_valid=bool(splits.valid))  # sets up the process group under a launcher
     env = DistEnv(rank=args.process_index, world_size=args.world_size, local_rank=args.local_process_index)
     run = _TrainerRun(config, out_dir=config.run.out_dir, command=command, checkpoint_format="transformers-trainer",
                       position_key="step", resume=resume, env=env, device=args.device)
     try:
-        return _train(run, args, splits, stop_after_steps)
+        summary = _train(run, args, splits, stop_after_steps)
     finally:
         run.close()
+    if owns_group and torch.distributed.is_initialized():
+        # the engine's teardown policy: this run created the group (through TrainingArguments), so it ends it,
+        # on success only. Without this, ranks leave at different moments and gloo may abort the late one
+        # (SIGABRT at exit) although its work was done.
+        barrier()
+        torch.distributed.destroy_process_group()
+    return summary
 
 
 def _train(run: _TrainerRun, args: DistillationArguments, splits: Any, stop_after_steps: int | None) -> dict[str, Any]:
