@@ -21,6 +21,14 @@ TensorBoard's ``purge_step``, ``config.yaml``, ``summary.json`` with the shared
 is the Trainer's: ``checkpoint-N/`` plus ``locakd_state.json`` (what the Trainer does not keep: the
 config, the best validation so far, the teacher's mis-instruction counts and the wall time).
 
+A checkpoint is written atomically: every process fills ``.checkpoint-N.<random>.tmp/checkpoint-N/``
+(the Trainer's own save), rank 0 adds ``locakd_state.json`` and renames the folder into place, then
+removes the older checkpoint (one is kept). A kill during the save leaves only the temporary folder,
+which the resumed run removes. ``--resume`` takes the newest *complete* ``checkpoint-N/``
+(:func:`checkpoint_missing`; folders written non-atomically, by older locakd versions, can be half
+written): incomplete ones are removed and logged, and with no complete one the resume is a
+:class:`~locakd.errors.CheckpointError` naming the folder and what it lacks.
+
 Differences from the own loop, by design of the Trainer: the data order (the Trainer's seeded
 sampler instead of length-sorted global batches), the warm-up (HF's starts at lr 0 on step 0), and
 the teacher's mis-instruction rate, which is measured on the response tokens trained on rather than
@@ -32,6 +40,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +70,14 @@ from .hf_trainer import DistillationArguments, DistillationTrainer
 from .models import output_vocab_size
 from .trainer import improves_on_best, validation_generation
 
-__all__ = ["train_with_hf", "training_arguments"]
+__all__ = ["checkpoint_missing", "train_with_hf", "training_arguments"]
 
 _STATE_FILE = "locakd_state.json"  # in every checkpoint-N/ (what the Trainer does not keep), best/ and final/
 _GENERATION_METRICS = ("rouge_l", "exact_match")
+_TRAINER_STATE = "trainer_state.json"  # the Trainer writes it last into checkpoint-N/
+_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")  # transformers.trainer_utils' PREFIX_CHECKPOINT_DIR
+_MODEL_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +211,39 @@ class _RunTrainer(DistillationTrainer):
         super().__init__(*args, **kwargs)
         self.run_config = run_config
         self.valid_records = valid_records
+        self.checkpoint_state: Callable[[], dict[str, Any]] | None = None  # locakd_state.json's content (rank 0)
+        self._staging: str | None = None
+
+    def _get_output_dir(self, trial):
+        # while a checkpoint is saved, the Trainer's run folder is the temporary one it is staged in
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, staged in a temporary folder and renamed into place once complete.
+
+        Every process writes its part (model / optimizer shards, its RNG state) into the one temporary
+        folder rank 0 created; after a barrier rank 0 adds ``locakd_state.json``, swaps the folder in
+        (:func:`locakd.engine.io.swap_in_dir`) and removes the older checkpoint (``save_total_limit=1``).
+        """
+        run_dir = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        main = self.args.process_index == 0
+        self._staging = broadcast_object(str(temp_dir_for(run_dir / name)) if main else None)
+        staging = Path(self._staging)
+        try:
+            super()._save_checkpoint(model, trial)  # its rotation sees only the staged checkpoint
+        finally:
+            self._staging = None
+        barrier()  # every process's files are in
+        if main:
+            if self.checkpoint_state is not None:
+                atomic_write_text(staging / name / _STATE_FILE, json.dumps(self.checkpoint_state(), indent=2) + "\n")
+            swap_in_dir(staging / name, run_dir / name)
+            shutil.rmtree(staging, ignore_errors=True)  # empty unless the Trainer wrote more into its run folder
+            for folder in run_dir.iterdir():
+                if _CHECKPOINT_NAME.match(folder.name) and folder.name != name and folder.is_dir():
+                    shutil.rmtree(folder)
+        barrier()
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
@@ -273,18 +320,16 @@ class _RunCallback(transformers.TrainerCallback):
         self.logger.info(f"step {state.global_step}: valid {shown}"
                          + (" (best)" if improved else f" (best {self.best['value']:.4f} at step {self.best['step']})"))
 
-    def on_save(self, args, state, control, **kwargs):
-        if args.process_index != 0 or self.trainer is None:
-            return
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if folder.is_dir():
-            atomic_write_text(folder / _STATE_FILE, json.dumps({
-                "step": state.global_step,
-                "config": to_dict(self.config),
-                "best": self.best,
-                "train_totals": self.trainer._train_totals.tolist(),
-                "wall_time_s": self.run.wall_time(),
-            }, indent=2) + "\n")
+    def checkpoint_state(self) -> dict[str, Any]:
+        """What ``checkpoint-N/locakd_state.json`` holds (called by :class:`_RunTrainer` on rank 0 as it saves)."""
+        assert self.trainer is not None
+        return {
+            "step": self.trainer.state.global_step,
+            "config": to_dict(self.config),
+            "best": self.best,
+            "train_totals": self.trainer._train_totals.tolist(),
+            "wall_time_s": self.run.wall_time(),
+        }
 
 
 class _BarsOnly(transformers.ProgressCallback):
@@ -303,29 +348,96 @@ def _distributed_type(trainer: transformers.Trainer) -> str:
     return str(getattr(kind, "value", kind))
 
 
-def _checkpoint_step(path: str) -> int:
-    match = re.search(r"checkpoint-(\d+)$", path.rstrip("/"))
+def checkpoint_missing(folder: str | Path) -> list[str]:
+    """What the Trainer checkpoint ``folder`` lacks to be resumed from; empty when it is complete.
+
+    The Trainer writes ``trainer_state.json`` last (after the model, optimizer, scheduler and RNG state),
+    so a kill during the save shows as a missing or truncated one; the files written before it are
+    checked too. FSDP / DeepSpeed keep the model and optimizer in their own sharded layouts, which are
+    not inspected. ``locakd_state.json`` is not required (see :meth:`_TrainerRun.open_checkpoint`).
+    """
+    folder = Path(folder)
+    names = {path.name for path in folder.iterdir()}
+    missing = []
+    if _TRAINER_STATE not in names:
+        missing.append(f"{_TRAINER_STATE} (the Trainer writes it last)")
+    else:
+        try:
+            parsed = json.loads((folder / _TRAINER_STATE).read_text())
+        except (OSError, ValueError):
+            parsed = None
+        if not isinstance(parsed, dict):
+            missing.append(f"a complete {_TRAINER_STATE} (it is not valid JSON: truncated)")
+    if not any(name.startswith(("pytorch_model_fsdp", "global_step")) for name in names):  # not FSDP / DeepSpeed
+        if not names.intersection(_MODEL_FILES):
+            missing.append("the model weights (model.safetensors)")
+        missing += [name for name in ("optimizer.pt", "scheduler.pt") if name not in names]
+    if not names.intersection(("rng_state.pth", "rng_state_0.pth")):
+        missing.append("rng_state.pth")
+    return missing
+
+
+def _checkpoint_step(path: str | Path) -> int:
+    match = _CHECKPOINT_NAME.match(Path(path).name)
     return int(match.group(1)) if match else 0
 
 
 class _TrainerRun(Run):
-    """The engine's run folder, resumed from the Trainer's latest ``checkpoint-N/`` instead of ``last.pt``."""
+    """The engine's run folder, resumed from the Trainer's newest complete ``checkpoint-N/`` instead of ``last.pt``."""
+
+    incomplete: list[Path]  # checkpoint folders an interrupted save left, removed by begin() on rank 0
+
+    def _checkpoints(self) -> list[Path]:
+        """The ``checkpoint-N/`` folders of the run folder, newest (highest N) first."""
+        if not self.out_dir.is_dir():
+            return []
+        found = [path for path in self.out_dir.iterdir() if _CHECKPOINT_NAME.match(path.name) and path.is_dir()]
+        return sorted(found, key=_checkpoint_step, reverse=True)
 
     def open_checkpoint(self, resume: bool) -> dict[str, Any] | None:
-        from transformers.trainer_utils import get_last_checkpoint
-
-        last = get_last_checkpoint(str(self.out_dir)) if self.out_dir.is_dir() else None
+        self.incomplete = []
         if not resume:
-            held = last or (self.last_path if self.last_path.is_file() else None) \
+            held = next(iter(self._checkpoints()), None) or (self.last_path if self.last_path.is_file() else None) \
                 or (self.out_dir / "summary.json" if (self.out_dir / "summary.json").is_file() else None)
             if held is not None:
                 raise ConfigError(f"{self.out_dir} already holds a run ({Path(held).name}): pass --resume to continue "
                                   "it, or set run.out_dir (or run.seed) for a new run")
             return None
-        if last is None:
+        # rank 0 reads the folder and decides; every process resumes from (or fails on) the same checkpoint
+        found = broadcast_object(self._choose_checkpoint() if self.env.is_main else None)
+        if isinstance(found, str):
+            raise CheckpointError(found)
+        state, self.incomplete = found[0], [Path(path) for path in found[1]]
+        return state
+
+    def _choose_checkpoint(self) -> str | tuple[dict[str, Any], list[str]]:
+        """The newest complete checkpoint's state and the incomplete folders (any step); an error message when
+        there is no complete one."""
+        checkpoints = self._checkpoints()
+        if not checkpoints:
             hint = " (it holds a run.engine=own run: resume it with run.engine=own)" if self.last_path.is_file() else ""
-            raise CheckpointError(f"cannot resume: no Trainer checkpoint (checkpoint-N/) in {self.out_dir}{hint}; "
-                                  "start the run without --resume, or check run.out_dir")
+            return (f"cannot resume: no Trainer checkpoint (checkpoint-N/) in {self.out_dir}{hint}; "
+                    "start the run without --resume, or check run.out_dir")
+        missing = {path: checkpoint_missing(path) for path in checkpoints}
+        complete = [path for path in checkpoints if not missing[path]]
+        if not complete:
+            what = "; ".join(f"{path} lacks {', '.join(missing[path])}" for path in checkpoints)
+            return (f"cannot resume: no complete Trainer checkpoint in {self.out_dir} ({what}); the run was "
+                    "killed while saving its first checkpoint: start it again in a new run.out_dir (or delete "
+                    f"{self.out_dir}) without --resume")
+        incomplete = [str(path) for path in checkpoints if missing[path]]
+        return self._state_of(complete[0]), incomplete
+
+    def begin(self) -> RunLogger:
+        logger = super().begin()
+        if self.env.is_main and self.incomplete:
+            for path in self.incomplete:
+                shutil.rmtree(path, ignore_errors=True)
+            logger.info(f"removed what interrupted checkpoint saves left in {self.out_dir}: "
+                        f"{', '.join(path.name for path in self.incomplete)} (incomplete)")
+        return logger
+
+    def _state_of(self, last: Path) -> dict[str, Any]:
         state_path = Path(last) / _STATE_FILE
         state: dict[str, Any] = json.loads(state_path.read_text()) if state_path.is_file() else {}
         if not state:  # killed after the Trainer wrote the checkpoint, before locakd's state went in
@@ -336,21 +448,29 @@ class _TrainerRun(Run):
                      "best": None if best is None else {"metric": best.get("select_by"), "value": best.get("value"),
                                                         "step": best.get("step"), "loss": best.get("loss")},
                      "missing_state": True}
-        return {**state, "step": _checkpoint_step(last), "path": last}
+        return {**state, "step": _checkpoint_step(last), "path": str(last)}
 
 
 def train_with_hf(config: LMExperimentConfig, *, command: str = "lm-distill", resume: bool = False,
                   stop_after_steps: int | None = None) -> dict[str, Any]:
     """Run ``lm-sft`` / ``lm-distill`` for ``config`` with ``transformers.Trainer``; returns the summary."""
     splits = load_train_valid_records(config)
+    owns_group = not torch.distributed.is_initialized()
     args = training_arguments(config, has_valid=bool(splits.valid))  # sets up the process group under a launcher
     env = DistEnv(rank=args.process_index, world_size=args.world_size, local_rank=args.local_process_index)
     run = _TrainerRun(config, out_dir=config.run.out_dir, command=command, checkpoint_format="transformers-trainer",
                       position_key="step", resume=resume, env=env, device=args.device)
     try:
-        return _train(run, args, splits, stop_after_steps)
+        summary = _train(run, args, splits, stop_after_steps)
     finally:
         run.close()
+    if owns_group and torch.distributed.is_initialized():
+        # the engine's teardown policy: this run created the group (through TrainingArguments), so it ends it,
+        # on success only. Without this, ranks leave at different moments and gloo may abort the late one
+        # (SIGABRT at exit) although its work was done.
+        barrier()
+        torch.distributed.destroy_process_group()
+    return summary
 
 
 def _train(run: _TrainerRun, args: DistillationArguments, splits: Any, stop_after_steps: int | None) -> dict[str, Any]:
@@ -392,6 +512,7 @@ def _train(run: _TrainerRun, args: DistillationArguments, splits: Any, stop_afte
                               eval_dataset=valid_ds, processing_class=tokenizer, callbacks=[callback],
                               run_config=config, valid_records=valid_records)
     callback.trainer = trainer
+    trainer.checkpoint_state = callback.checkpoint_state
     # metrics go to metrics.jsonl / TensorBoard and messages to stderr; keep stdout for the command's JSON result
     trainer.remove_callback(transformers.PrinterCallback)
     trainer.remove_callback(transformers.ProgressCallback)
