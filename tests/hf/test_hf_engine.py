@@ -99,17 +99,26 @@ def test_run_engine_is_documented_in_help(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fused", [False, True], ids=["logits", "fused_lm_head"])
-def test_accelerate_two_processes_give_the_weights_of_one_process_with_twice_the_batch(hf_env, tmp_path, fused):
+@pytest.mark.parametrize("source", ["logits", "fused_lm_head", "teacher_cache"])
+def test_accelerate_two_processes_give_the_weights_of_one_process_with_twice_the_batch(hf_env, tmp_path, source):
     """2 processes x 2 examples x 2 accumulation steps vs 1 process x 4 x 2: the same 8 examples per step,
     every response token weighted alike -> the same weights (up to float32 reduction order). With
     method.fused_lm_head on the two processes (the one-process run computes from the logits): the Trainer's
-    DDP synchronises the head's gradient from the fused loss."""
-    one = _config(hf_env, tmp_path / "one", run=_hf(), optim={"micro_batch_size": 4, "grad_accum_steps": 2})
+    DDP synchronises the head's gradient from the fused loss. With model.teacher_cache on both (the teacher
+    folder gone): each process reads the cached rows of the examples its sampler shard hands it."""
+    model = {}
+    if source == "teacher_cache":
+        from locakd.lm.cache_command import capture_teacher_cache
+
+        capture_teacher_cache(from_dict(LMExperimentConfig, {
+            **hf_env.config(tmp_path / "unused"), "cache": {"dir": str(tmp_path / "cache"), "top_k": 32}}))
+        model = {"teacher": str(tmp_path / "no-such-teacher"), "teacher_cache": str(tmp_path / "cache")}
+    one = _config(hf_env, tmp_path / "one", run=_hf(), optim={"micro_batch_size": 4, "grad_accum_steps": 2},
+                  model=model)
     one_summary = train_lm(one)
-    cfg = hf_env.write_config(tmp_path / "two.yaml", tmp_path / "two", run=_hf(),
+    cfg = hf_env.write_config(tmp_path / "two.yaml", tmp_path / "two", run=_hf(), model=model,
                               optim={"micro_batch_size": 2, "grad_accum_steps": 2},
-                              method={"name": "kd+loca", "chunk_size": 37, "fused_lm_head": fused})
+                              method={"name": "kd+loca", "chunk_size": 37, "fused_lm_head": source == "fused_lm_head"})
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "locakd.cli.main", "lm-distill", str(cfg)]

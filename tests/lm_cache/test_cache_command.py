@@ -310,11 +310,3 @@ def test_a_run_uses_the_cache_without_its_teacher(cache_run, straight, tmp_path)
     # another example's labels do not fit its cached rows
     with pytest.raises(TeacherCacheError):
         teacher_cache_targets(cache, [6, 1, 4], batch["labels"])
-
-
-def test_lm_distill_refuses_a_cache_until_the_trainer_reads_it(cache_run, straight, tmp_path, capsys):
-    from locakd.cli.main import main
-
-    config = cache_run.write_config(tmp_path / "config.yaml", None, model={"teacher_cache": str(straight)})
-    assert main(["lm-distill", str(config)]) == 2
-    assert "does not read model.teacher_cache yet" in capsys.readouterr().err

@@ -62,6 +62,41 @@ def test_two_processes_match_one_process_and_resume(lm_env, tmp_path):
         assert bool((excess <= 0).all()), (name, float(excess.max()), float(tolerance[name].min()))
 
 
+@pytest.mark.slow
+def test_two_processes_from_a_teacher_cache_match_one_process(lm_env, tmp_path):
+    """model.teacher_cache under torchrun: each rank reads the cached rows of its own examples (the teacher
+    folder is gone), and 2 ranks x 2 x 2 give the weights of 1 rank x 4 x 2, as from a live teacher."""
+    from locakd.lm.cache_command import capture_teacher_cache
+
+    cache = tmp_path / "cache"
+    capture_teacher_cache(from_dict(LMExperimentConfig, {
+        **lm_env.config(tmp_path / "unused"), "cache": {"dir": str(cache), "top_k": 32}}))
+    model = {"teacher": str(tmp_path / "no-such-teacher"), "teacher_cache": str(cache)}
+    one = from_dict(LMExperimentConfig, lm_env.config(
+        tmp_path / "one", model=model, optim={"micro_batch_size": 4, "grad_accum_steps": 2, "max_steps": 3}))
+    train_lm(one)
+    cfg = lm_env.write_config(tmp_path / "two.yaml", tmp_path / "two", model=model,
+                              optim={"micro_batch_size": 2, "grad_accum_steps": 2, "max_steps": 3})
+    done = _torchrun(["-m", "locakd.cli.main", "lm-distill", str(cfg)], tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 8 and summary["step"] == 3
+    assert summary["tokens_trained"] == one_summary["tokens_trained"]
+    assert summary["teacher_misinstruction"] == one_summary["teacher_misinstruction"]
+    assert summary["teacher_cache"]["dir"] == str(cache) and summary["teacher_params"] is None
+    tokens = one_summary["tokens_trained"] / 3
+    # as above: a mean over `tokens` float32 terms summed in other groupings
+    assert summary["last_train"]["loss"] == pytest.approx(one_summary["last_train"]["loss"],
+                                                          rel=16 * EPS32 * math.sqrt(tokens))
+    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    tolerance = _adam_rounding_tolerance(tmp_path / "one", tokens)
+    for name in a:
+        excess = (a[name] - b[name]).abs() - tolerance[name]
+        assert bool((excess <= 0).all()), (name, float(excess.max()), float(tolerance[name].min()))
+
+
 def _adam_rounding_tolerance(run_dir, tokens: float) -> dict[str, torch.Tensor]:
     """Per-element bound on how far float32 rounding can move AdamW weights between two batch splits.
 

@@ -66,7 +66,11 @@ def register(subparsers) -> None:
             "Train model.student with (1 - kd_ratio) * CE + kd_ratio * divergence to the frozen "
             "model.teacher over response tokens. method.name: sft | kd | kd+loca | rkl | rkl+loca | "
             "jsd | jsd+loca | skew-kl | skew-kl+loca | skew-rkl | skew-rkl+loca | tv | tv+loca. "
-            "Reports the teacher's token-level mis-instruction rate on the training responses first.",
+            "Reports the teacher's token-level mis-instruction rate on the training responses first. "
+            "With model.teacher_cache=DIR (written by lm-cache-teacher) the teacher is never loaded: its "
+            "top-k log-probabilities, the label's and the tail mass are read from the cache (tail as one "
+            "bucket, LoCa exact), which must match the run's tokenizer, data, template, lengths and "
+            "temperature.",
         ),
     }
     for name, (help_text, description) in commands.items():
@@ -156,12 +160,6 @@ def run_train(args: argparse.Namespace) -> int:
         check_command(config, args.command_name)
         print(yaml.safe_dump(to_dict(config), sort_keys=False), end="")
         return 0
-    if config.model.teacher_cache:
-        from ..errors import ConfigError
-
-        # until the trainer reads caches (the next step of issue 12), refuse rather than run model.teacher silently
-        raise ConfigError(f"{args.command_name} does not read model.teacher_cache yet (the cache written by "
-                          "lm-cache-teacher); unset it to train with model.teacher")
     summary = train_lm(config, command=args.command_name, resume=args.resume,
                        stop_after_steps=args.stop_after_steps)
     if _is_main_process():

@@ -21,7 +21,9 @@ This module turns records into token ids for causal-LM training:
   (label ``-100``), the response trained (with a trailing EOS, or the chat template's end-of-turn
   marker for chat layouts), and counts every truncation;
 * :func:`prompt_and_reference` gives the generation prompt and the reference answer of a record;
-* :func:`collate_examples` / :func:`make_collate_fn` pad a batch (right padding for training);
+* :func:`collate_examples` / :func:`make_collate_fn` pad a batch (right padding for training) and carry
+  each example's :data:`EXAMPLE_INDEX` when the examples have one (an offline teacher cache is looked
+  up by it; it never reaches a model's forward);
 * :func:`count_valid_tokens` and :func:`shift_for_next_token` (from :mod:`locakd.losses.token`,
   re-exported here) implement the one convention every loss must share (see below).
 
@@ -48,6 +50,10 @@ import torch
 from locakd.errors import ConfigError, DataError
 from locakd.losses.objectives import IGNORE_INDEX
 from locakd.losses.token import shift_for_next_token  # noqa: F401  (re-exported: the one next-token alignment)
+
+EXAMPLE_INDEX = "example_index"
+"""Key of an example's position in its tokenised dataset; collated into a ``[B]`` int64 tensor when every
+example of a batch has it (the offline teacher cache's row lookup, :class:`locakd.lm.batch_loss.CachedTeacher`)."""
 
 REQUIRED_FIELDS = ("instruction", "response")
 OPTIONAL_FIELDS = ("context",)
@@ -703,7 +709,9 @@ def collate_examples(
 
     Returns int64 tensors ``input_ids`` (padded with ``pad_token_id``), ``attention_mask`` (1 on real
     tokens) and ``labels`` (``-100`` on padding). Padding is recognised by position, never by id, so a
-    pad id equal to EOS (GPT-2) does not mask the trained EOS. Use right padding for training.
+    pad id equal to EOS (GPT-2) does not mask the trained EOS. Use right padding for training. When
+    every example holds :data:`EXAMPLE_INDEX` (its position in the tokenised dataset), the batch holds
+    them too, as a ``[B]`` int64 tensor under the same key.
     """
     if padding_side not in ("right", "left"):
         raise ConfigError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -726,7 +734,10 @@ def collate_examples(
         input_ids[i, sl] = torch.as_tensor(ids, dtype=torch.long)
         labels[i, sl] = torch.as_tensor(lab, dtype=torch.long)
         attention[i, sl] = 1
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if all(EXAMPLE_INDEX in ex for ex in examples):
+        batch[EXAMPLE_INDEX] = torch.tensor([int(ex[EXAMPLE_INDEX]) for ex in examples], dtype=torch.long)
+    return batch
 
 
 def make_collate_fn(tokenizer: Any, padding_side: str = "right",

@@ -54,8 +54,10 @@ from .build import (
     quiet_transformers,
     tokenize,
 )
+from .cache.run import open_teacher_cache, teacher_cache_summary
 from .config import LMExperimentConfig
 from .hf_trainer import DistillationArguments, DistillationTrainer
+from .models import output_vocab_size
 from .trainer import improves_on_best, validation_generation
 
 __all__ = ["train_with_hf", "training_arguments"]
@@ -366,8 +368,15 @@ def _train(run: _TrainerRun, args: DistillationArguments, splits: Any, stop_afte
                           "raise data.max_length or check the records")
     student = load_student(config, torch.device("cpu"))  # the Trainer places (or shards) it
     check_positions(student, config.data.max_length, "student")
-    teacher = None
-    if spec.uses_teacher:
+    teacher = cache = None
+    if config.model.teacher_cache and command == "lm-distill":
+        # checked against the run (tokenizer, data, template, lengths, temperature, vocabulary) before training;
+        # model.teacher is not read
+        cache = open_teacher_cache(config, tokenizer, split="train", examples=train_ds,
+                                   student_vocab_size=output_vocab_size(student))
+        logger.info(f"{command}: teacher cache {config.model.teacher_cache} (top_k {cache.top_k}, "
+                    f"{cache.bytes_per_token:.0f} bytes per token); the teacher is not loaded")
+    elif spec.uses_teacher:
         teacher = load_teacher(config, torch.device("cpu"), tokenizer)  # checks the tokenizer (model.check_tokenizer)
         check_positions(teacher, config.data.max_length, "teacher")
     elif config.model.teacher:
@@ -378,7 +387,8 @@ def _train(run: _TrainerRun, args: DistillationArguments, splits: Any, stop_afte
     callback = _RunCallback(run, logger, best, stop_after_steps, has_valid=valid_ds is not None)
     valid_records = splits.valid[: config.eval.valid_max_examples or None]
     with quiet_transformers():
-        trainer = _RunTrainer(model=student, teacher_model=teacher, args=args, train_dataset=train_ds,
+        trainer = _RunTrainer(model=student, teacher_model=teacher, teacher_cache=cache, args=args,
+                              train_dataset=train_ds,
                               eval_dataset=valid_ds, processing_class=tokenizer, callbacks=[callback],
                               run_config=config, valid_records=valid_records)
     callback.trainer = trainer
@@ -435,6 +445,7 @@ def _train(run: _TrainerRun, args: DistillationArguments, splits: Any, stop_afte
         "vocab_size": trainer.vocab_size,
         "student_params": param_count(student),
         "teacher_params": param_count(teacher) if teacher is not None else None,
+        "teacher_cache": teacher_cache_summary(config.model.teacher_cache, cache),
         "teacher_misinstruction": _measured(trainer.teacher_misinstruction()),
         "tokens_trained": float(trainer._train_totals[2]),
         "last_train": callback.last_train,

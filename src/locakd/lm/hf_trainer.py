@@ -27,6 +27,12 @@ For users who already train with ``Trainer`` / TRL under ``accelerate`` (DDP, FS
   weights chunk by chunk (:class:`locakd.lm.batch_loss.FusedHead`): the student's forward still runs
   through the DDP / FSDP wrapper, but neither model builds its ``[tokens, V]`` logits; the loss, the logged
   terms and the mis-instruction rate equal the unfused ones to float32 rounding.
+* ``teacher_cache=`` (a :class:`locakd.lm.cache.TeacherCache` of the training examples, opened with
+  :func:`locakd.lm.cache.open_teacher_cache`) replaces the teacher: its top-k log-probabilities are read
+  for each micro-batch (:class:`locakd.lm.batch_loss.CachedTeacher`, the sparse divergence with the tail
+  as one bucket and LoCa exact). ``train_dataset`` must then be the tokenised examples the cache was
+  captured from, in that order: each example carries its index (the cache's row key) through the
+  sampler, DDP sharding and the collator; the model's forward never sees it. Not with ``fused_lm_head``.
 * Datasets may be tokenised already (``input_ids`` + ``labels``) or be records in any layout of
   :data:`locakd.lm.data.DATA_FORMATS` (TRL's ``messages`` and ``prompt``/``completion``, or Dolly),
   which are tokenised with the prompt masked.
@@ -56,6 +62,7 @@ from ..teachers import FrozenTeacher, freeze_teacher
 from .batch_loss import micro_batch_loss
 from .config import METHODS, method_spec
 from .data import (
+    EXAMPLE_INDEX,
     PROMPT_TEMPLATES,
     PromptTemplate,
     count_valid_tokens,
@@ -277,6 +284,8 @@ class DistillationTrainer(transformers.Trainer):
             checkpoints and ``save_model`` then hold the adapter (``PeftModel.from_pretrained`` loads it).
         teacher_tokenizer: the teacher's tokenizer (object or path) for the tokenizer check, when the teacher
             is a model whose ``name_or_path`` holds no tokenizer.
+        teacher_cache: instead of ``teacher_model``, an offline teacher cache
+            (:class:`~locakd.lm.cache.TeacherCache`) of ``train_dataset``'s examples, in order.
         processing_class: the student's tokenizer (loaded from the student's folder when omitted).
         train_dataset / eval_dataset: tokenised examples (``input_ids``, ``labels`` with -100 on the prompt)
             or records of any :data:`locakd.lm.data.DATA_FORMATS` layout (tokenised here).
@@ -294,7 +303,8 @@ class DistillationTrainer(transformers.Trainer):
     def __init__(self, model: nn.Module | str | None = None, args: DistillationArguments | None = None,
                  data_collator: Any = None, train_dataset: Any = None, eval_dataset: Any = None,
                  processing_class: Any = None, teacher_model: nn.Module | str | os.PathLike[str] | None = None,
-                 peft_config: Any = None, teacher_tokenizer: Any = None, **kwargs: Any) -> None:
+                 peft_config: Any = None, teacher_tokenizer: Any = None, teacher_cache: Any = None,
+                 **kwargs: Any) -> None:
         if args is None:
             args = DistillationArguments(output_dir="trainer_output")
         if not isinstance(args, DistillationArguments):
@@ -326,9 +336,20 @@ class DistillationTrainer(transformers.Trainer):
             if args.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
 
-        teacher = self._load_teacher(teacher_model, spec.uses_teacher, processing_class, teacher_tokenizer, args)
+        if teacher_cache is not None:
+            if teacher_model is not None:
+                raise ConfigError("pass teacher_model= or teacher_cache=, not both")
+            if args.fused_lm_head:
+                raise ConfigError("fused_lm_head=True is not supported with teacher_cache: the cached (sparse) "
+                                  "teacher's divergence needs the student's logits; set it to False")
+            teacher = None
+        else:
+            teacher = self._load_teacher(teacher_model, spec.uses_teacher, processing_class, teacher_tokenizer, args)
         vocab = check_vocab(teacher, model, processing_class, crop_to_shared=args.crop_vocab)
+        if teacher_cache is not None:
+            vocab = teacher_cache.vocab_size  # the softmax the cached log-probabilities were taken over
         self.vocab_size = vocab  # logits per position the loss compares (shared size when crop_vocab crops)
+        self.teacher_cache = teacher_cache
         self.objective = args.objective(vocab_size=vocab if teacher is not None else None)
         self._eval_objective = dataclasses.replace(self.objective, spec=method_spec("sft"))  # CE only
         if args.fused_lm_head:  # refuse models whose logits are not hidden @ W.T + b, before wrapping / sharding
@@ -339,6 +360,14 @@ class DistillationTrainer(transformers.Trainer):
         if data_collator is None:
             data_collator = make_collate_fn(processing_class)
         train_dataset = _prepare_dataset(train_dataset, processing_class, args, "train_dataset")
+        if teacher_cache is not None and spec.uses_teacher:
+            from .cache.run import IndexedExamples
+
+            if train_dataset is None or len(train_dataset) != teacher_cache.num_examples:
+                raise ConfigError(f"teacher_cache holds {teacher_cache.num_examples} examples, train_dataset "
+                                  f"{None if train_dataset is None else len(train_dataset)}: pass the examples the "
+                                  "cache was captured from, in order")
+            train_dataset = IndexedExamples(train_dataset)  # each example carries its cache row key
         eval_dataset = _prepare_dataset(eval_dataset, processing_class, args, "eval_dataset")
         super().__init__(model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
                          eval_dataset=eval_dataset, processing_class=processing_class, **kwargs)
@@ -361,13 +390,21 @@ class DistillationTrainer(transformers.Trainer):
                               "weight the fused loss needs whole (and the path is untested there); set it to false")
         self.teacher_model = self._prepare_teacher(teacher) if teacher is not None else None
         # how a micro-batch's outputs are produced and which form of the objective consumes them
-        self._loss_of = micro_batch_loss(self.objective, self.teacher_model, fused_lm_head=args.fused_lm_head)
+        self._loss_of = micro_batch_loss(self.objective, self.teacher_model, fused_lm_head=args.fused_lm_head,
+                                         teacher_cache=teacher_cache)
         self._eval_loss_of = micro_batch_loss(self._eval_objective, None)
         device = self.args.device
         # [ce_sum, kd_sum, response tokens, mis-instructed tokens] since the last log; totals of the whole run
         self._train_sums = torch.zeros(4, dtype=torch.float64, device=device)
         self._train_totals = torch.zeros(4, dtype=torch.float64, device=device)
         self._eval_sums = torch.zeros(2, dtype=torch.float64, device=device)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        """The model's forward arguments, plus the example index a teacher cache is read by: the Trainer's
+        column removal keeps it for :meth:`compute_loss`, which never passes it to the model."""
+        super()._set_signature_columns_if_needed()
+        if EXAMPLE_INDEX not in self._signature_columns:
+            self._signature_columns.append(EXAMPLE_INDEX)
 
     # ------------------------------------------------------------------------------------ teacher
 

@@ -11,7 +11,9 @@ each of the ``WORLD_SIZE`` processes)::
     loss = sum over micro-batches of [(1 - r) * CE_sum + r * D_sum] / N      (sft: CE_sum / N)
 
 where ``CE_sum`` is the summed next-token cross-entropy on response tokens and ``D_sum`` the summed
-token-level divergence to the frozen teacher (:func:`locakd.token_distill_loss`, optionally LoCa).
+token-level divergence to the frozen teacher (:func:`locakd.token_distill_loss`, optionally LoCa), or,
+with ``model.teacher_cache``, to the offline teacher cache (:func:`locakd.sparse_token_distill_loss`
+over the cached top-k entries, the label and the tail; the teacher is never loaded).
 Because every micro-batch divides by the same global ``N``, the accumulated loss and gradient equal
 those of one big batch, whatever the split over micro-batches and ranks (DDP averages gradients
 over ranks, so the loss is multiplied by the world size before ``backward``).
@@ -60,10 +62,12 @@ from .build import (
 )
 from .build import lr_factor as lr_factor  # moved there; importable from here for one release
 from .build import warmup_steps_of as warmup_steps_of  # (same)
+from .cache.run import IndexedExamples, cached_misinstruction, open_teacher_cache, teacher_cache_summary
+from .cache.store import json_hash
 from .config import LMExperimentConfig, method_spec
 from .data import count_valid_tokens, make_collate_fn
 from .fused_head import check_fused_head
-from .models import check_vocab
+from .models import check_vocab, output_vocab_size
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -112,6 +116,7 @@ def accumulate_gradients(
     scaler: torch.amp.GradScaler | None = None,
     world_size: int = 1,
     fused_lm_head: bool = False,
+    teacher_cache: Any = None,
 ) -> StepStats:
     """Forward + backward over the micro-batches of one optimizer step (gradients accumulate in ``.grad``).
 
@@ -121,9 +126,11 @@ def accumulate_gradients(
     last micro-batch only, and the loss is scaled by ``world_size`` to undo DDP's averaging.
     ``fused_lm_head``: compute the objective from hidden states and head weights, never building the
     ``[tokens, V]`` logits (:func:`locakd.lm.batch_loss.micro_batch_loss` decides the outputs' source).
+    ``teacher_cache``: read the teacher from this :class:`~locakd.lm.cache.TeacherCache` (``teacher`` None;
+    every micro-batch then holds its examples' ``EXAMPLE_INDEX``).
     """
     device = torch.device(device)
-    loss_of = micro_batch_loss(objective, teacher, fused_lm_head=fused_lm_head)
+    loss_of = micro_batch_loss(objective, teacher, fused_lm_head=fused_lm_head, teacher_cache=teacher_cache)
     n_local = sum(int(count_valid_tokens(b["labels"])) for b in micro_batches)
     n_global = all_reduce_sum(torch.tensor(float(n_local), dtype=torch.float64, device=device))
     normalizer = float(n_global.clamp(min=1.0))
@@ -239,9 +246,15 @@ def check_command(config: LMExperimentConfig, command: str) -> None:
             raise ConfigError(f"lm-sft trains with method sft, but method.name is '{spec.name}'; use lm-distill")
         if config.model.teacher:
             raise ConfigError("lm-sft fine-tunes model.student on its own; unset model.teacher (or use lm-distill)")
+        if config.model.teacher_cache:
+            raise ConfigError("lm-sft fine-tunes model.student on its own; unset model.teacher_cache (or use lm-distill)")
     elif command == "lm-distill":
-        if spec.uses_teacher and not config.model.teacher:
-            raise ConfigError(f"method '{spec.name}' needs a teacher: set model.teacher (a folder or hub name)")
+        if spec.uses_teacher and not (config.model.teacher or config.model.teacher_cache):
+            raise ConfigError(f"method '{spec.name}' needs a teacher: set model.teacher (a folder or hub name) or "
+                              "model.teacher_cache (a folder written by lm-cache-teacher)")
+        if config.model.teacher_cache and config.method.fused_lm_head:
+            raise ConfigError("method.fused_lm_head is not supported with model.teacher_cache: the cached (sparse) "
+                              "teacher's divergence needs the student's logits; set method.fused_lm_head=false")
     else:
         raise ConfigError(f"unknown LM training command {command!r}")
 
@@ -289,10 +302,18 @@ class _LMRun:
         self.student = load_student(config, device)
         check_positions(self.student, config.data.max_length, "student")
         self.teacher = None
-        if config.model.teacher and command == "lm-distill":
+        self.cache = None  # model.teacher_cache: the teacher's training rows, read instead of running it
+        if config.model.teacher_cache and command == "lm-distill":
+            # checks that the cache was captured from this run's tokenizer, data, template, lengths, temperature
+            # and vocabulary (ConfigError naming the field) before anything trains; model.teacher is not read
+            self.cache = open_teacher_cache(config, self.tokenizer, split="train", examples=self.train_ds,
+                                            student_vocab_size=output_vocab_size(self.student))
+        elif config.model.teacher and command == "lm-distill":
             self.teacher = load_teacher(config, device, self.tokenizer)  # checks the tokenizers first
             check_positions(self.teacher, config.data.max_length, "teacher")
         self.vocab = check_vocab(self.teacher, self.student, self.tokenizer, crop_to_shared=config.model.crop_vocab)
+        if self.cache is not None:
+            self.vocab = self.cache.vocab_size  # the softmax the cached log-probabilities were taken over
         self.objective = LMObjective.from_config(config.method,
                                                  vocab_size=self.vocab if self.teacher is not None else None)
         self.fused_lm_head = config.method.fused_lm_head
@@ -300,7 +321,8 @@ class _LMRun:
             check_fused_head(self.student, "student")
             if self.teacher is not None:
                 check_fused_head(self.teacher, "teacher")
-        self.loss_of = micro_batch_loss(self.objective, self.teacher, fused_lm_head=self.fused_lm_head)
+        self.loss_of = micro_batch_loss(self.objective, self.teacher, fused_lm_head=self.fused_lm_head,
+                                        teacher_cache=self.cache)
         self.student.train()
         seed_everything(config.run.seed + env.rank)  # dropout streams differ per rank; init above is shared
         self.model = wrap_ddp(self.student, device, env)
@@ -319,6 +341,8 @@ class _LMRun:
         self.scheduler = make_scheduler(self.optimizer, config, self.total_steps)
         self.scaler = make_grad_scaler(device, config.run.precision)
         self.collate = make_collate_fn(self.tokenizer)
+        # with a cache, every example carries its index in train_ds: the key of its cached rows
+        self.train_examples = IndexedExamples(self.train_ds) if self.cache is not None else self.train_ds
         self.lengths = [len(ex["input_ids"]) for ex in self.train_ds]
         self.select_by = config.eval.select_by if self.valid_ds is not None else None
 
@@ -339,6 +363,11 @@ class _LMRun:
                 f"{last_path} was written with a global batch of {state['global_batch']} examples, this run has "
                 f"{self.global_batch} (micro_batch_size x grad_accum_steps x processes); the data position would "
                 "not match"
+            )
+        if self.cache is not None and state.get("teacher_cache_sha256") not in (None, self._cache_sha256()):
+            raise CheckpointError(
+                f"{last_path} was trained from another teacher cache than the one in {self.config.model.teacher_cache} "
+                "now (its shards' checksums differ): resume with the cache the run started with"
             )
         load_model_state(self.student, state["model"], what="student", source=str(last_path))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -371,7 +400,14 @@ class _LMRun:
             "last_train": self.last_train,
             "last_valid": self.last_valid,
             "log_window": dict(self.window),
+            "teacher_cache_sha256": self._cache_sha256(),
         }
+
+    def _cache_sha256(self) -> str | None:
+        """One hash of the training cache's shards (their checksums): a resume must read the same rows."""
+        if self.cache is None:
+            return None
+        return json_hash([shard["sha256"] for shard in self.cache.manifest["shards"]])
 
     # ------------------------------------------------------------------ loop
 
@@ -386,6 +422,13 @@ class _LMRun:
                         "its mis-instruction rate")
         if run.resumed:
             logger.info(f"{command}: resumed from {run.last_path} at step {self.step}/{self.total_steps}")
+        if self.cache is not None and self.teacher_mis is None:
+            self.teacher_mis = cached_misinstruction(self.cache, self.train_ds,
+                                                     max_examples=config.eval.misinstruction_max_examples)
+            logger.info(f"{command}: teacher cache {config.model.teacher_cache} (top_k {self.cache.top_k}, "
+                        f"{self.cache.bytes_per_token:.0f} bytes per token); the teacher is not loaded. Its token-level "
+                        f"mis-instruction rate on {self.teacher_mis['n_tokens']} training response tokens: "
+                        f"{100 * self.teacher_mis['misinstruction_rate']:.2f}%")
         if self.teacher is not None and self.teacher_mis is None:
             self.teacher_mis = _sharded_misinstruction(config, self.teacher, self.tokenizer, self.train_ds,
                                                        self.vocab, env, self.device)
@@ -414,10 +457,11 @@ class _LMRun:
             micro = step_micro_batches(order, pos, self.lengths, micro_batch_size=o.micro_batch_size,
                                        grad_accum_steps=o.grad_accum_steps, world_size=env.world_size,
                                        rank=env.rank)
-            batches = [self.collate([self.train_ds[i] for i in idx]) for idx in micro]
+            batches = [self.collate([self.train_examples[i] for i in idx]) for idx in micro]
             stats = accumulate_gradients(self.model, self.teacher, batches, self.objective, device=self.device,
                                          autocast=self.autocast, scaler=scaler if scaler.is_enabled() else None,
-                                         world_size=env.world_size, fused_lm_head=self.fused_lm_head)
+                                         world_size=env.world_size, fused_lm_head=self.fused_lm_head,
+                                         teacher_cache=self.cache)
             check_finite(f"optimizer step {self.step + 1} (epoch {epoch + 1})", ce=stats.ce_sum, kd=stats.kd_sum)
             if scaler.is_enabled():
                 scaler.unscale_(self.optimizer)
@@ -484,6 +528,7 @@ class _LMRun:
             "vocab_size": self.vocab,
             "student_params": param_count(self.student),
             "teacher_params": param_count(self.teacher) if self.teacher is not None else None,
+            "teacher_cache": teacher_cache_summary(config.model.teacher_cache, self.cache),
             "teacher_misinstruction": self.teacher_mis,
             "tokens_trained": self.tokens_trained,
             "last_train": self.last_train,

@@ -22,7 +22,8 @@ lists the shards in ``manifest.json`` once every one is there.
 ``locakd lm-cache-teacher`` (:mod:`locakd.lm.cache_command`) writes one such cache per split of an
 LM run (``DIR/train``, ``DIR/valid``); :mod:`locakd.lm.cache.run` computes the run identity a cache
 records and is checked against (:func:`open_teacher_cache`) and the sparse teacher of a collated
-micro-batch (:func:`teacher_cache_targets`).
+micro-batch (:func:`teacher_cache_targets`); ``lm-distill`` with ``model.teacher_cache`` trains from it
+(:class:`locakd.lm.batch_loss.CachedTeacher`, examples carrying their index through :class:`IndexedExamples`).
 
 Compact rows (:class:`CacheCodec`), one fixed-width bit row per token:
 
@@ -48,7 +49,9 @@ from .records import DEFAULT_TOP_K, TokenRecords, teacher_token_records
 from .run import (
     SPLITS,
     CachedTeacherTargets,
+    IndexedExamples,
     cache_split_dir,
+    cached_misinstruction,
     examples_sha256,
     open_teacher_cache,
     run_identity,
@@ -74,12 +77,14 @@ __all__ = [
     "FORMAT",
     "IDENTITY_FIELDS",
     "CacheCodec",
+    "IndexedExamples",
     "SparseTeacher",
     "TeacherCache",
     "TeacherCacheError",
     "TeacherCacheWriter",
     "TokenRecords",
     "cache_split_dir",
+    "cached_misinstruction",
     "examples_sha256",
     "file_sha256",
     "json_hash",

@@ -29,18 +29,21 @@ import torch
 
 from ...errors import ConfigError, DataError
 from ..config import LMExperimentConfig
-from ..data import TokenizedDataset, looks_like_hub_name
+from ..data import EXAMPLE_INDEX, TokenizedDataset, looks_like_hub_name
 from .records import IGNORE_INDEX
 from .store import MANIFEST, TeacherCache, TeacherCacheError, file_sha256, json_hash, tokenizer_hash
 
 __all__ = [
     "SPLITS",
     "CachedTeacherTargets",
+    "IndexedExamples",
     "cache_split_dir",
+    "cached_misinstruction",
     "examples_sha256",
     "model_vocab_size",
     "open_teacher_cache",
     "run_identity",
+    "teacher_cache_summary",
     "teacher_cache_targets",
     "teacher_identity",
 ]
@@ -262,3 +265,68 @@ def teacher_cache_targets(cache: TeacherCache, example_indices: Sequence[int], l
     shifted = labels[:, 1:]
     targets = cache.batch_targets(list(example_indices), shifted, ignore_index)
     return CachedTeacherTargets(labels=shifted, **targets)
+
+
+# --------------------------------------------------------------------------------------------------
+# Training from a cache: example indices through the data pipeline, the teacher's mis-instruction
+# --------------------------------------------------------------------------------------------------
+
+
+class IndexedExamples:
+    """A tokenised dataset whose example ``i`` also holds ``EXAMPLE_INDEX: i`` (its cache row key).
+
+    Samplers, shuffling, DDP sharding and resumed data positions pick *which* examples form a batch;
+    each example carries its own position in the (un-shuffled) tokenised dataset, which is the
+    cache's example index, so the lookup is right whatever the order. :func:`locakd.lm.data.collate_examples`
+    collates the key into a ``[B]`` tensor; no model forward receives it.
+    """
+
+    def __init__(self, examples: TokenizedDataset | Sequence[Mapping[str, Any]]) -> None:
+        self.examples = examples
+        self.stats = getattr(examples, "stats", None)
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        index = int(i)
+        if index < 0:
+            index += len(self.examples)
+        return {**self.examples[index], EXAMPLE_INDEX: index}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+
+def cached_misinstruction(cache: TeacherCache, examples: TokenizedDataset | Sequence[Mapping[str, Any]], *,
+                          max_examples: int | None = None, batch_examples: int = 64) -> dict[str, Any]:
+    """The teacher's token-level mis-instruction rate on the first ``max_examples`` of ``examples``, from the cache.
+
+    The same tokens the online rate (:func:`locakd.lm.build.teacher_misinstruction`) counts: every
+    response token of those examples, mis-instructed when the label's teacher probability is below the
+    top one (a tie counts as right). The cache reads that exactly: a stored value's code is 0 only for an
+    exact tie with the row's top, and a label outside the top k is below it. ``examples`` are the run's
+    tokenised examples of the cache's split (their labels find the label among the stored ids).
+    """
+    count = len(examples) if max_examples is None else min(int(max_examples), len(examples))
+    if count > cache.num_examples:
+        raise ConfigError(f"the teacher cache {cache.directory} holds {cache.num_examples} examples, the run more")
+    n_tokens = n_mis = 0
+    for start in range(0, count, batch_examples):
+        indices = list(range(start, min(start + batch_examples, count)))
+        labels = [label for i in indices for label in examples[i]["labels"][1:] if label != IGNORE_INDEX]
+        rows = cache.read(indices, labels=torch.tensor(labels, dtype=torch.int64))
+        n_mis += int((rows.label_logprob < rows.topk_logprobs[:, 0]).sum())
+        n_tokens += len(labels)
+    rate = n_mis / max(n_tokens, 1)
+    return {"misinstruction_rate": rate, "top1_accuracy": 1.0 - rate, "n_tokens": n_tokens,
+            "n_misinstructed": n_mis, "n_examples": count, "measured_on": "teacher cache"}
+
+
+def teacher_cache_summary(directory: str | None, cache: TeacherCache | None) -> dict[str, Any] | None:
+    """What a run's summary.json says about the cache it trained from (None without one)."""
+    if cache is None:
+        return None
+    return {"dir": directory, "top_k": cache.top_k, "num_levels": cache.codec.num_levels,
+            "num_tokens": cache.num_tokens, "bytes_per_token": cache.bytes_per_token,
+            "teacher": cache.identity.get("teacher")}
