@@ -32,7 +32,7 @@ def bench():
 @pytest.mark.slow
 def test_smoke_run_measures_every_part(bench, tmp_path, capsys):
     out = tmp_path / "bench"
-    parts = ["sizes", "steptime", "agreement"]
+    parts = ["sizes", "steptime", "quality", "agreement"]
     assert bench.main(["--smoke", "--out", str(out), "--parts", ",".join(parts), "--threads", "1",
                        "--timing-teacher-ratio", "8"]) == 0
     results = json.loads((out / "results.json").read_text())
@@ -79,6 +79,26 @@ def test_smoke_run_measures_every_part(bench, tmp_path, capsys):
         # here) over ~1e3 tokens (sqrt: ~30): ~1e-4 relative
         assert r["topk_vs_dense"]["mean"] <= 1e-4
 
+    # quality: both sources trained and scored per method and seed; the cache runs read the k = 64 cache and
+    # never loaded a teacher; the paired difference is the difference of the two runs' scores
+    q = results["parts"]["quality"]
+    assert set(q["methods"]) == set(bench.DEFAULT_METHODS) and q["seeds"] == [0]
+    cache_dir = out / "instructions" / "caches" / "teacher_k64"
+    for method, m in q["methods"].items():
+        (run,) = m["runs"]
+        for source in ("dense", "cache"):
+            assert 0.0 <= run[source]["rouge_l"] <= 100.0 and 0.0 <= run[source]["exact_match"] <= 100.0
+            summary = json.loads((bench.student_dir(bench.Task(out, bench.SMOKE), source, method, 0)
+                                  / "summary.json").read_text())
+            assert summary["status"] == "finished" and summary["method"] == method
+            if source == "cache":
+                assert summary["teacher_params"] is None and summary["teacher_cache"]["dir"] == str(cache_dir)
+            else:
+                assert summary["teacher_params"] > 0 and summary.get("teacher_cache") is None
+        assert m["rouge_l_diff"][0] == pytest.approx(run["cache"]["rouge_l"] - run["dense"]["rouge_l"])
+        assert m["exact_match_diff"][0] == pytest.approx(run["cache"]["exact_match"] - run["dense"]["exact_match"])
+
     md = (out / "results.md").read_text()
     assert "Bytes per cached token" in md and "Step time" in md and "identical batches" in md
+    assert "students from the cache" in md
     assert results["command"] in md
