@@ -598,13 +598,19 @@ def machine() -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     m = results["machine"]
-    lines = [f"Command: `{results['command']}`", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}; "
-             f"load average at start {_fmt(results['load_avg_start'])}, at end {_fmt(m['load_avg'])}; "
-             f"wall {results['wall_time_s'] / 60:.1f} min.", ""]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, transformers {m['transformers']}. "
+             f"Last invocation: `{results['command']}`, wall {results['wall_time_s'] / 60:.1f} min. Each part "
+             "below names the invocation that measured it and the 1/5/15-minute load average at its start.", ""]
     parts = results["parts"]
+
+    def origin(part: dict[str, Any]) -> list[str]:
+        if "command" not in part:  # results written before parts recorded their invocation
+            return []
+        return [f"`{part['command']}` ({part['finished']}, {part['wall_s'] / 60:.1f} min, load average "
+                f"{_fmt(part['load_avg_start'])})", ""]
     if "sizes" in parts:
         lines += ["### Bytes per cached token (lm-cache-teacher on the benchmark's training split)", "",
+                  *origin(parts["sizes"]),
                   f"Vocabulary {parts['sizes']['rows'][0]['vocab_size']}; bytes/token = shard files / cached "
                   "tokens; capture tokens/s of that lm-cache-teacher invocation.", "",
                   f"| k | tokens | shard bytes | bytes/token | row bytes | labels outside top k | "
@@ -616,7 +622,7 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     if "steptime" in parts:
         s = parts["steptime"]
-        lines += ["### Step time: online teacher vs cache", "",
+        lines += ["### Step time: online teacher vs cache", "", *origin(s),
                   f"Teacher {s['teacher_params'] / 1e6:.2f}M params (random init, {s['param_ratio']:.1f}x the "
                   f"student's {s['student_params'] / 1e6:.2f}M), method {s['method']}, batch {s['batch']} "
                   f"({s['response_tokens_per_step']:.0f} response tokens/step on average), k = {s['k']}, "
@@ -629,22 +635,35 @@ def markdown(results: dict[str, Any]) -> str:
                   f"{s['ratio_p25']:.2f}-{s['ratio_p75']:.2f} | {s['teacher_forward_ms_median']:.1f} | "
                   f"{s['cache_read_ms_median']:.1f} | {_num(s['capture_tokens_per_s'], 0)} | "
                   f"{_num(s['break_even_epochs'])} |", ""]
+        history = results.get("steptime_history", [])
+        if len(history) > 1:
+            lines += ["Every step-time invocation on this folder:", "",
+                      "| finished | threads | pairs | load average | online ms | cache ms | online/cache | p25-p75 |",
+                      "|---|---|---|---|---|---|---|---|"]
+            lines += [f"| {h['finished']} | {h['threads']} | {h['pairs']} | {_fmt(h['load_avg_start'])} | "
+                      f"{h['online_ms_median']:.1f} | {h['cache_ms_median']:.1f} | {h['ratio_median']:.2f}x | "
+                      f"{h['ratio_p25']:.2f}-{h['ratio_p75']:.2f} |" for h in history]
+            lines.append("")
     if "quality" in parts:
         q = parts["quality"]
-        lines += ["### Quality: students from the cache vs from the dense online teacher", "",
+        lines += ["### Quality: students from the cache vs from the dense online teacher", "", *origin(q),
                   f"Test ROUGE-L / exact match (greedy), mean +- std over seeds {q['seeds']}, {q['steps']} steps; "
                   f"diff = cache - dense per seed (mean +- std). Teacher: ROUGE-L {q['teacher']['rouge_l']:.2f}, "
                   f"exact match {q['teacher']['exact_match']:.2f}.", "",
-                  "| method | ROUGE-L dense | ROUGE-L cache | diff | exact dense | exact cache | diff |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| method | ROUGE-L dense | ROUGE-L cache | diff | exact dense | exact cache | diff | "
+                  "train s/run dense / cache | teacher mis-instruction dense / cache |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for method, r in q["methods"].items():
+            wall = {src: statistics.fmean(x[src]["train_time_s"] for x in r["runs"]) for src in ("dense", "cache")}
+            mis = {src: r["runs"][0][src]["teacher_misinstruction"] for src in ("dense", "cache")}
             lines.append(f"| {method} | {_pm(r['rouge_l_dense'])} | {_pm(r['rouge_l_cache'])} | "
                          f"{_pm(r['rouge_l_diff'], sign=True)} | {_pm(r['exact_match_dense'])} | "
-                         f"{_pm(r['exact_match_cache'])} | {_pm(r['exact_match_diff'], sign=True)} |")
+                         f"{_pm(r['exact_match_cache'])} | {_pm(r['exact_match_diff'], sign=True)} | "
+                         f"{wall['dense']:.0f} / {wall['cache']:.0f} | {_pct(mis['dense'])} / {_pct(mis['cache'])} |")
         lines.append("")
     if "agreement" in parts:
         a = parts["agreement"]
-        lines += ["### Loss from the cache vs the dense loss on identical batches", "",
+        lines += ["### Loss from the cache vs the dense loss on identical batches", "", *origin(a),
                   f"First {a['batches']} training micro-batches of {a['batch']} examples, k = {a['k']}; relative "
                   "difference of each batch's summed divergence: signed mean over batches / max |.|; "
                   f"'training loss' is (1 - {a['kd_ratio']}) CE + {a['kd_ratio']} divergence.", ""]
@@ -666,6 +685,10 @@ def _rel(s: dict[str, float]) -> str:
 
 def _pm(v: list[float], sign: bool = False) -> str:
     return f"{v[0]:+.2f} +- {v[1]:.2f}" if sign else f"{v[0]:.2f} +- {v[1]:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f} %"
 
 
 def _num(x: float | None, digits: int = 2) -> str:
@@ -716,9 +739,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=None,
                         help="student runs in parallel in the quality part (default: CPU cores, at most 4); "
                              "the other parts run in this process with all cores")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads of the parts run in this process (step time, agreement; default: "
-                             "CPU cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of the work done in this process (captures, step time, agreement; "
+                             "default 1: on a shared machine, more threads than free cores make torch's OpenMP "
+                             "regions wait for descheduled threads, which slowed steps 10-18x on the 2-core box)")
+    parser.add_argument("--report", action="store_true",
+                        help="measure nothing: rewrite OUT/results.md from OUT/results.json")
     parser.add_argument("--force", action="store_true", help="delete --out first instead of reusing finished work")
     args = parser.parse_args(argv)
     if args.out is None:
@@ -753,12 +779,17 @@ def main(argv: list[str] | None = None) -> int:
     threads = max(1, cores // jobs)
 
     out = Path(args.out).resolve()
+    if args.report:
+        table = markdown(_read_json(out / "results.json"))
+        (out / "results.md").write_text(table + "\n")
+        print(table)
+        return 0
     if args.force and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_start = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    lm_bench._init_worker(args.threads or cores)
+    lm_bench._init_worker(args.threads)
     _info(f"parts {parts} -> {out}")
     task = Task(out, sizes)
     job = task.teacher_job()
@@ -766,30 +797,40 @@ def main(argv: list[str] | None = None) -> int:
         _info("training the benchmark teacher (lm-sft) and scoring it (lm-eval)")
     _run_all([job] if job else [], 1, cores)
 
-    results: dict[str, Any] = {"command": " ".join(["python", *([sys.argv[0]] if argv is None else
-                                                                ["benchmarks/cache/bench_cache_training.py"]),
-                                                    *(sys.argv[1:] if argv is None else argv)]),
-                               "mode": "smoke" if args.smoke else "quick" if args.quick else "full",
-                               "load_avg_start": load_start, "settings": {
-                                   "task": TASK, "sizes": sizes, "ks": ks, "methods": methods, "seeds": seeds,
-                                   "steps": steps, "quality_k": args.quality_k, "jobs": jobs,
-                                   "teacher": lm_bench.TEACHER, "student": lm_bench.STUDENT},
-                               "parts": {}}
+    command = " ".join(["python", *([sys.argv[0]] if argv is None else ["benchmarks/cache/bench_cache_training.py"]),
+                         *(sys.argv[1:] if argv is None else argv)])
+    mode = "smoke" if args.smoke else "quick" if args.quick else "full"
+    # parts measured by earlier invocations on this --out stay in the results (each with its own command)
+    previous = out / "results.json"
+    kept = _read_json(previous) if previous.is_file() else {}
+    if kept.get("mode") != mode:
+        kept = {}
+    results: dict[str, Any] = {"command": command, "mode": mode, "load_avg_start": load_start, "settings": {
+        "task": TASK, "sizes": sizes, "ks": ks, "methods": methods, "seeds": seeds, "steps": steps,
+        "quality_k": args.quality_k, "jobs": jobs, "teacher": lm_bench.TEACHER, "student": lm_bench.STUDENT},
+        "parts": {k: v for k, v in kept.get("parts", {}).items() if k not in parts},
+        "steptime_history": kept.get("steptime_history", [])}
     quality_cache = None
     if "sizes" in parts or "quality" in parts or "agreement" in parts:
         quality_cache = Path(task.capture(f"teacher_k{args.quality_k}", task.teacher, args.quality_k)["cache_dir"])
     for part in parts:
         t0 = time.time()
+        load = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
         _info(f"part {part}")
         if part == "sizes":
-            results["parts"]["sizes"] = part_sizes(task, ks)
+            result = part_sizes(task, ks)
         elif part == "steptime":
-            results["parts"]["steptime"] = part_steptime(task, sizes, args)
+            result = part_steptime(task, sizes, args)
         elif part == "quality":
-            results["parts"]["quality"] = part_quality(task, quality_cache, methods, seeds, steps, jobs, threads)
-        elif part == "agreement":
-            results["parts"]["agreement"] = part_agreement(task, quality_cache, args.quality_k,
-                                                           sizes["agreement_batches"])
+            result = part_quality(task, quality_cache, methods, seeds, steps, jobs, threads)
+        else:
+            result = part_agreement(task, quality_cache, args.quality_k, sizes["agreement_batches"])
+        result.update(command=command, wall_s=round(time.time() - t0, 1), load_avg_start=load,
+                      load_avg_end=list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+                      finished=time.strftime("%Y-%m-%d %H:%M:%S"))
+        results["parts"][part] = result
+        if part == "steptime":
+            results["steptime_history"].append({k: v for k, v in result.items() if k != "ratios"})
         _info(f"part {part} done in {time.time() - t0:.1f}s")
     results["machine"] = machine()
     results["wall_time_s"] = round(time.time() - started, 1)
