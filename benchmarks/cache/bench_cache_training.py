@@ -10,9 +10,9 @@ instruction suite, a byte-level BPE tokenizer trained locally, the lm-sft teache
              cached token = bytes of the train split's shard files / the manifest's num_tokens. The row
              width of a 152064-token vocabulary is computed from the same codec for comparison
              (benchmarks/cache/measure_cache.py sizes measures synthetic caches on disk).
-  steptime   one lm-distill optimizer step (forward, backward, AdamW) of the same student on the same
-             micro-batch, with the online teacher (DenseLogits: teacher forward + dense loss) against
-             the cache (cache lookup + sparse loss). The teacher is a random-init GPT-2 of the same
+  steptime   one lm-distill optimizer step (the trainer's accumulate_gradients: forward + backward, then
+             clipping and AdamW) of two identical students on the same micro-batch, with the online teacher
+             (teacher forward + dense loss) against the cache (cache lookup + sparse loss). The teacher is a random-init GPT-2 of the same
              vocabulary, --timing-teacher-ratio x (at least) the student's parameters; its cache is
              captured by lm-cache-teacher (the one-off capture cost, tokens/s, gives the break-even
              number of epochs). Steps alternate between the two paths (order swapped every pair), so
@@ -29,7 +29,7 @@ instruction suite, a byte-level BPE tokenizer trained locally, the lm-sft teache
 Examples:
   python benchmarks/cache/bench_cache_training.py                 # everything (~25 min, 2 busy CPU cores)
   python benchmarks/cache/bench_cache_training.py --quick         # smaller data and runs (~2 min)
-  python benchmarks/cache/bench_cache_training.py --smoke         # seconds-scale run for the test suite
+  python benchmarks/cache/bench_cache_training.py --smoke         # ~1 min run of every part for the test suite
   python benchmarks/cache/bench_cache_training.py --parts sizes,agreement
 
 Finished teacher, caches and student runs in --out are reused when the script runs again with the same
@@ -715,7 +715,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="1000 records, teacher 60 steps, students 30 steps, 1 seed, 8 timing pairs (~2 min); "
                            "its quality figures are too undertrained to compare")
     mode.add_argument("--smoke", action="store_true",
-                      help="a seconds-scale run of every part on 96 records (the test suite runs it); "
+                      help="a ~1-minute run of every part on 96 records (the test suite runs it); "
                            "the figures mean nothing")
     parser.add_argument("--parts", default=",".join(ALL_PARTS),
                         help="comma-separated subset of: " + ", ".join(ALL_PARTS) + " (default: all)")
@@ -737,8 +737,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--agreement-batches", type=int, default=None,
                         help="training micro-batches of the agreement part (default 20; --quick 4; --smoke 2)")
     parser.add_argument("--jobs", type=int, default=None,
-                        help="student runs in parallel in the quality part (default: CPU cores, at most 4); "
-                             "the other parts run in this process with all cores")
+                        help="student runs in parallel in the quality part, each with cores / jobs threads "
+                             "(default: CPU cores, at most 4); the other parts run in this process with --threads")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of the work done in this process (captures, step time, agreement; "
                              "default 1: on a shared machine, more threads than free cores make torch's OpenMP "
