@@ -1,11 +1,11 @@
 """Language-model commands: ``lm-sft``, ``lm-distill``, ``lm-eval``, ``lm-cache-teacher``.
 
     locakd lm-sft configs/lm/dolly_teacher_sft.yaml
-    locakd lm-distill configs/lm/dolly_gpt2_kd_loca.yaml run.seed=1
-    locakd lm-distill configs/lm/dolly_gpt2_kd_loca.yaml --resume
+    locakd lm-distill configs/lm/dolly/gpt2-base_kd+loca.yaml run.seed=1
+    locakd lm-distill configs/lm/dolly/gpt2-base_kd+loca.yaml --resume
     torchrun --nproc_per_node 4 -m locakd.cli.main lm-distill CONFIG optim.micro_batch_size=4
     locakd lm-eval runs/lm/kd+loca            # a run directory (its best/ model) or a config file
-    locakd lm-cache-teacher configs/lm/dolly_gpt2_kd_loca.yaml cache.dir=cache/dolly-xl cache.top_k=64
+    locakd lm-cache-teacher configs/lm/dolly/gpt2-base_kd+loca.yaml cache.dir=cache/dolly-xl cache.top_k=64
 """
 
 from __future__ import annotations
