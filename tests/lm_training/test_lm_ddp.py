@@ -50,16 +50,7 @@ def test_two_processes_match_one_process_and_resume(lm_env, tmp_path):
     one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["tokens_trained"] == one_summary["tokens_trained"]
     assert summary["teacher_misinstruction"] == one_summary["teacher_misinstruction"]
-    tokens = one_summary["tokens_trained"] / 4  # response tokens summed into each step's loss
-    # a mean over `tokens` float32 terms summed in other groupings: a few ulps x sqrt(tokens), relative
-    assert summary["last_train"]["loss"] == pytest.approx(one_summary["last_train"]["loss"],
-                                                          rel=16 * EPS32 * math.sqrt(tokens))
-    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    tolerance = _adam_rounding_tolerance(tmp_path / "one", tokens)
-    for name in a:
-        excess = (a[name] - b[name]).abs() - tolerance[name]
-        assert bool((excess <= 0).all()), (name, float(excess.max()), float(tolerance[name].min()))
+    _assert_same_training(tmp_path / "one", tmp_path / "two", steps=4)
 
 
 @pytest.mark.slow
@@ -85,13 +76,19 @@ def test_two_processes_from_a_teacher_cache_match_one_process(lm_env, tmp_path):
     assert summary["tokens_trained"] == one_summary["tokens_trained"]
     assert summary["teacher_misinstruction"] == one_summary["teacher_misinstruction"]
     assert summary["teacher_cache"]["dir"] == str(cache) and summary["teacher_params"] is None
-    tokens = one_summary["tokens_trained"] / 3
-    # as above: a mean over `tokens` float32 terms summed in other groupings
-    assert summary["last_train"]["loss"] == pytest.approx(one_summary["last_train"]["loss"],
-                                                          rel=16 * EPS32 * math.sqrt(tokens))
-    a = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    tolerance = _adam_rounding_tolerance(tmp_path / "one", tokens)
+    _assert_same_training(tmp_path / "one", tmp_path / "two", steps=3)
+
+
+def _assert_same_training(one_dir, two_dir, *, steps: int) -> None:
+    """The last logged loss and the final weights of two runs over the same examples agree to float32 rounding."""
+    one = json.loads((one_dir / "summary.json").read_text())
+    two = json.loads((two_dir / "summary.json").read_text())
+    tokens = one["tokens_trained"] / steps  # response tokens summed into each step's loss
+    # a mean over `tokens` float32 terms summed in other groupings: a few ulps x sqrt(tokens), relative
+    assert two["last_train"]["loss"] == pytest.approx(one["last_train"]["loss"], rel=16 * EPS32 * math.sqrt(tokens))
+    a = load_file(str(one_dir / "final" / "model.safetensors"))
+    b = load_file(str(two_dir / "final" / "model.safetensors"))
+    tolerance = _adam_rounding_tolerance(one_dir, tokens)
     for name in a:
         excess = (a[name] - b[name]).abs() - tolerance[name]
         assert bool((excess <= 0).all()), (name, float(excess.max()), float(tolerance[name].min()))
