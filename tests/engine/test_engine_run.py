@@ -123,3 +123,16 @@ def test_finite_watch_reports_the_first_bad_step_without_syncing_each_step():
     with pytest.raises(NonFiniteLossError, match="term 'kd' became inf at step 3 of epoch 2"):
         watch.check(lambda step: f"step {step} of epoch 2")
     FiniteWatch(["ce"]).check(lambda step: "never")
+
+
+def test_a_fresh_run_refuses_a_folder_holding_a_trainer_run(tmp_path):
+    """run.engine=hf keeps its state in checkpoint-N/ (no last.pt): a fresh own-engine run there would overwrite
+    its metrics, so it is refused like a folder holding last.pt; an unrelated folder is not."""
+    (tmp_path / "notes").mkdir()
+    with _open(_config(tmp_path)) as run:  # an unrelated sub-folder is no run
+        assert run.position == 0
+    (tmp_path / "last.pt").unlink(missing_ok=True)
+    (tmp_path / "checkpoint-4").mkdir()
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoint-4/, a run.engine=hf run\).*--resume"):
+        with _open(_config(tmp_path)):
+            pass

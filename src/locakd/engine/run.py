@@ -123,9 +123,14 @@ class Run:
         """
         last = self.last_path
         if not resume:
-            if last.is_file():
+            # a Trainer checkpoint-N/ is a run of the other LM engine (run.engine=hf): starting afresh here would
+            # overwrite its metrics and mix the two runs' files
+            trainer_checkpoints = sorted(p.name for p in self.out_dir.glob("checkpoint-*") if p.is_dir()) \
+                if self.out_dir.is_dir() else []
+            if last.is_file() or trainer_checkpoints:
+                held = "last.pt" if last.is_file() else f"{trainer_checkpoints[-1]}/, a run.engine=hf run"
                 raise ConfigError(
-                    f"{self.out_dir} already holds a run (last.pt): pass --resume to continue it, "
+                    f"{self.out_dir} already holds a run ({held}): pass --resume to continue it, "
                     "or set run.out_dir (or run.seed) for a new run"
                 )
             return None
