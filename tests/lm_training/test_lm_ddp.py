@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from distributed_helpers import run_stateless_script
 from safetensors.torch import load_file
 
 from locakd.config import from_dict
@@ -24,8 +25,11 @@ TIMEOUT_S = 240
 EPS32 = torch.finfo(torch.float32).eps
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
 def _torchrun(args: list[str], cwd) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [*TORCHRUN, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=cwd)
 
@@ -301,7 +305,8 @@ def test_the_fused_lm_head_under_ddp_and_fsdp_matches_one_process(tmp_path):
     pytest.importorskip("accelerate")
     script = tmp_path / "fused_ddp.py"
     script.write_text(FUSED_SCRIPT)
-    result = _torchrun([str(script)], tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = run_stateless_script([*TORCHRUN, str(script)], timeout=TIMEOUT_S, env=env, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     for rank in (0, 1):
