@@ -679,7 +679,8 @@ def merge_reports(reports: list[dict]) -> dict:
                 merged["memory"] = row["memory"]
         for mem in report["reference_memory"]:
             reference_memory.setdefault((mem["group"], tuple(mem["shape"]), mem["name"]), mem)
-    return {"runs": reports, "threads": threads, "rows": list(rows.values()), "reference_memory": reference_memory}
+    return {"runs": reports, "threads": sorted(threads), "rows": list(rows.values()),
+            "reference_memory": reference_memory}
 
 
 def markdown_report(reports: list[dict]) -> str:
