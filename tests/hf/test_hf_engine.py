@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distributed_helpers import run_distributed
 from safetensors.torch import load_file
 
 from locakd.cli.main import main as cli_main
@@ -123,7 +123,7 @@ def test_accelerate_two_processes_give_the_weights_of_one_process_with_twice_the
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "locakd.cli.main", "lm-distill", str(cfg)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+    result = run_distributed(cmd, clean=[tmp_path / "two"], timeout=TIMEOUT_S, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     two_summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert two_summary["world_size"] == 2 and two_summary["global_batch_size"] == 8 == one_summary["global_batch_size"]

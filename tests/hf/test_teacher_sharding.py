@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 import torch
-from distributed_helpers import run_stateless_script
+from distributed_helpers import run_distributed
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not available")]
@@ -62,7 +62,7 @@ def test_the_teacher_is_sharded_across_ranks_and_computes_the_same_logits(tmp_pa
     script.write_text(SCRIPT)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = run_stateless_script(cmd, timeout=240, env=env, cwd=tmp_path)
+    result = run_distributed(cmd, timeout=240, env=env, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     for rank in (0, 1):

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from distributed_helpers import run_stateless_script
+from distributed_helpers import run_distributed
 from safetensors.torch import load_file
 
 from locakd.config import from_dict
@@ -72,7 +72,9 @@ def test_two_processes_from_a_teacher_cache_match_one_process(lm_env, tmp_path):
     train_lm(one)
     cfg = lm_env.write_config(tmp_path / "two.yaml", tmp_path / "two", model=model,
                               optim={"micro_batch_size": 2, "grad_accum_steps": 2, "max_steps": 3})
-    done = _torchrun(["-m", "locakd.cli.main", "lm-distill", str(cfg)], tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = run_distributed([*TORCHRUN, "-m", "locakd.cli.main", "lm-distill", str(cfg)], clean=[tmp_path / "two"],
+                                timeout=TIMEOUT_S, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     one_summary = json.loads((tmp_path / "one" / "summary.json").read_text())
@@ -306,7 +308,7 @@ def test_the_fused_lm_head_under_ddp_and_fsdp_matches_one_process(tmp_path):
     script = tmp_path / "fused_ddp.py"
     script.write_text(FUSED_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = run_stateless_script([*TORCHRUN, str(script)], timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+    result = run_distributed([*TORCHRUN, str(script)], timeout=TIMEOUT_S, env=env, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     for rank in (0, 1):
