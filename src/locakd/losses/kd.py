@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .._validation import check_alpha, check_logits, check_temperature, compute_dtype
+from .._validation import check_alpha, check_logits, check_temperature
 from ..errors import InputError
 from ._common import check_normalizer, check_reduction, validate_pair
 from ._fused import RowsPlan, fused_rows
-from .targets import TargetOptions, resolve_transform, standardize_logits
+from .targets import resolve_transform, standardize_logits, teacher_log_target
 from .token import REGISTRY, DivergenceOptions
 
 _FORWARD_KL = REGISTRY["forward_kl"]
@@ -85,16 +85,11 @@ def kd_loss(
     else:  # a baseline transform or a LoCa ablation: the log-target first, then the same kernel
         if validate:  # a replaced target row could hide a NaN teacher row: check the teacher itself
             check_logits("teacher_logits", teacher_logits)
-        options = TargetOptions(
-            temperature=temperature,
-            ignore_index=ignore_index,
-            loca_alpha=loca_alpha,
-            smoothing=smoothing,
-            calibrate_correct=calibrate_correct,
+        teacher, row_weight = teacher_log_target(  # teacher is already standardised above when asked
+            teacher, flat_labels, temperature, transform=entry, loca_alpha=loca_alpha, smoothing=smoothing,
+            ignore_index=ignore_index, calibrate_correct=calibrate_correct,
             calibrate_before_temperature=calibrate_before_temperature,
         )
-        with torch.no_grad():
-            teacher, row_weight = entry(teacher.to(compute_dtype(teacher)), flat_labels, options)
         plan_target, loca = "log_probs", None
     plan = RowsPlan(
         divergence=_FORWARD_KL,
